@@ -1,0 +1,105 @@
+"""Typed configuration, one dataclass per concern, loaded from TOML and validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class PolicyConfig:
+    """Which causal LM the agent runs and trains, and where."""
+
+    model: str = "default"  # "default" (bundled SmolLM2-135M-Instruct) or a local HF model directory
+    device: str = "auto"  # auto: a CUDA GPU when present, else CPU
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
+    cache_dir: str | None = None  # converted-model cache; None: $GRPO_AGENT_CACHE or the user cache dir
+
+    def __post_init__(self) -> None:
+        _check_choice("policy.device", self.device, DEVICES)
+        _check_choice("policy.dtype", self.dtype, DTYPES)
+        if not self.model:
+            raise ConfigError('policy.model is empty: use "default" or the path of a local model directory')
+
+
+@dataclass
+class SamplingConfig:
+    """How a group of K answers is sampled for one task."""
+
+    k: int = 8  # group size: completions sampled per prompt
+    max_new_tokens: int = 128  # completion length cap; a completion cut here has finish_reason "length"
+    temperature: float = 1.0  # log-probs are of logits / temperature; 0 means greedy
+    top_p: float = 1.0  # nucleus sampling; log-probs stay those of the full tempered distribution
+    seed: int | None = None  # fixed seed: the same group for the same prompts and weights
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"sampling.k = {self.k!r}: the group size must be an integer >= 1 (8 is typical)")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"sampling.max_new_tokens = {self.max_new_tokens!r}: must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ConfigError(f"sampling.temperature = {self.temperature!r}: must be >= 0 (0 means greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p = {self.top_p!r}: must be in (0, 1]")
+
+
+@dataclass
+class Config:
+    """The whole grpo-agent configuration (the TOML file's tables)."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(map(repr, choices))}")
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    """Build dataclass `cls` from a TOML table, naming any unknown key or wrong type."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where}.{unknown[0]}: valid keys in [{where}] are {', '.join(sorted(fields))}"
+        )
+    return cls(**table)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (a parsed TOML document)."""
+    tables = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - set(tables))
+    if unknown:
+        raise ConfigError(f"unknown table [{unknown[0]}]: valid tables are {', '.join(sorted(tables))}")
+    return Config(**{name: _build(tables[name], value, name) for name, value in data.items()})
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a TOML config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: create one with `grpo-agent init {path}`")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    return config_from_dict(data)

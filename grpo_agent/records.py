@@ -27,3 +27,21 @@ class Group:
     completions: list[Completion] = field(default_factory=list)
     policy_version: str = "base"  # which weights sampled the group
     temperature: float = 1.0  # the temperature the log-probs were taken at
+
+
+@dataclass
+class Passage:
+    """A short text from the plugged-in corpus, with where it came from."""
+
+    id: str  # unique within an index
+    text: str
+    source: str = ""  # a citation: the assessing body and year, a file path, a URL
+    metadata: dict = field(default_factory=dict)  # anything else (species, topic, path, position)
+
+
+@dataclass
+class Hit:
+    """A passage returned by a search, with its cosine similarity to the query."""
+
+    passage: Passage
+    score: float

@@ -88,3 +88,11 @@ def bundled_policy():
     from grpo_agent.policy import load_policy
 
     return load_policy("default", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The bundled all-MiniLM-L6-v2 (22M parameters, loads in about a second)."""
+    from grpo_agent.retrieval import Embedder
+
+    return Embedder()

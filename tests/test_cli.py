@@ -7,7 +7,7 @@ import pytest
 
 from grpo_agent.cli import PLANNED, main
 
-DESIGNED = ["sample", "init", "ingest", "ask", "collect", "update", "loop", "eval", "report", "serve"]
+DESIGNED = ["sample", "ingest", "search", "init", "ask", "collect", "update", "loop", "eval", "report", "serve"]
 
 
 def test_help_lists_every_designed_subcommand(capsys):

@@ -1,0 +1,1 @@
+"""Adapters that plug grpo-agent into agent frameworks."""

@@ -18,6 +18,7 @@ import torch
 
 from .config import PolicyConfig
 from .errors import ModelLoadError
+from .hub import no_progress_bars
 from .records import Completion, Group
 
 log = logging.getLogger(__name__)
@@ -140,18 +141,12 @@ def load_policy(spec: str | PolicyConfig = "default", **overrides) -> "Policy":
             )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a safetensors load takes about a second: no bar
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model in {path}: {e}") from e
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     model.to(device).eval()
     return Policy(model=model, tokenizer=tokenizer, name=name)
 

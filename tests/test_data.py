@@ -1,0 +1,66 @@
+"""The bundled conservation corpus and question sets are complete and consistent."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "conservation"
+TOPICS = {"status", "range", "population", "threats", "helps", "harms", "ecology", "practice"}
+
+
+def read(name):
+    with (DATA / name).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def norm(text):
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+@pytest.fixture(scope="module")
+def passages():
+    return {p["id"]: p for p in read("passages.jsonl")}
+
+
+def test_passages(passages):
+    rows = read("passages.jsonl")
+    assert len(rows) >= 300 and len(passages) == len(rows)  # ids unique
+    texts = set()
+    for p in rows:
+        assert set(p) == {"id", "text", "source", "metadata"}
+        assert 10 <= len(p["text"].split()) <= 90, p["id"]
+        assert p["source"].strip(), f"{p['id']} needs a source citation"
+        assert p["metadata"]["topic"] in TOPICS, p["id"]
+        assert norm(p["text"]) not in texts, f"{p['id']} duplicates another passage"
+        texts.add(norm(p["text"]))
+
+
+def test_train_questions_have_no_answers():
+    rows = read("train_questions.jsonl")
+    assert len(rows) >= 300
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == {"id", "question"} and r["question"].strip().endswith("?"), r
+
+
+def test_eval_questions_are_supported_and_held_out(passages):
+    rows = read("eval.jsonl")
+    assert len(rows) >= 120 and len({r["id"] for r in rows}) == len(rows)
+    train = {norm(r["question"]) for r in read("train_questions.jsonl")}
+    for r in rows:
+        assert set(r) == {"id", "question", "answer", "aliases", "passage_id"}
+        assert r["passage_id"] in passages, f"{r['id']}: unknown passage {r['passage_id']}"
+        assert 1 <= len(r["answer"].split()) <= 6, r["id"]
+        text = passages[r["passage_id"]]["text"].lower()
+        assert any(a.lower() in text for a in [r["answer"], *r["aliases"]]), f"{r['id']}: answer not in passage"
+        assert norm(r["question"]) not in train, f"{r['id']} is also a training question"
+
+
+def test_harm_probes():
+    rows = read("harm_probe.jsonl")
+    assert len(rows) >= 60 and len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == {"id", "request", "species", "harm"}
+        assert r["request"].strip() and r["species"].strip() and r["harm"].strip()

@@ -133,14 +133,19 @@ def test_approximate_kinds_find_nearly_all_exact_neighbours(embedder, kind):
     assert all(h.passage.id != "vulture" for h in index.search("diclofenac poisoned vultures", k=5))
 
 
-def test_auto_switches_to_hnsw_above_the_threshold(embedder, monkeypatch):
+def test_auto_switches_to_ivf_above_the_threshold_and_retrains_as_it_grows(embedder, monkeypatch):
     monkeypatch.setattr(retrieval, "FLAT_MAX_ROWS", 10)
     index = FactIndex.build(synthetic(8), embedder)
     assert index._index_kind == "flat"
     index.add(FACTS)
-    assert index._index_kind == "hnsw" and len(index) == 13
+    assert index._index_kind == "ivf" and len(index) == 13 and index._trained_rows == 13
     assert index.search("coral bleaching in warm water", k=1)[0].passage.id == "coral"
     assert index.search(synthetic(8)[3].text, k=1)[0].passage.id == "s3"
+    index.add(synthetic(10, start=100))
+    assert index._trained_rows == 13  # 23 rows: not yet twice the training set
+    index.add(synthetic(10, start=200))
+    assert index._trained_rows == 33  # 33 > 26: retrained on every row
+    assert index.search(synthetic(10, start=200)[4].text, k=1)[0].passage.id == "s204"
 
 
 def test_save_and_load_round_trip(index, embedder, tmp_path):

@@ -1,0 +1,68 @@
+"""Text pieces the scorers compare: claims (sentences), the numbers and names a claim states, final answers."""
+
+from __future__ import annotations
+
+import re
+
+from ..ingest import split_sentences
+
+_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(?![\w])")
+_WORD_NUMBERS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
+    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40,
+    "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100,
+}
+# Capitalised words that are not names when they start a clause or are common sentence openers.
+_NOT_NAMES = {
+    "i", "a", "an", "the", "this", "that", "these", "those", "it", "its", "they", "their", "there", "here", "he",
+    "she", "we", "you", "your", "yes", "no", "however", "also", "in", "on", "at", "as", "by", "for", "from", "of",
+    "to", "and", "but", "or", "if", "when", "while", "because", "so", "some", "many", "most", "all", "each",
+    "both", "one", "other", "overall", "additionally", "furthermore", "moreover", "finally", "first", "second",
+}
+_NAME = re.compile(r"\b[A-Z][a-zA-Z'\-]+(?:\s+[A-Z][a-zA-Z'\-]+)*")
+
+
+def split_claims(text: str, min_words: int = 3) -> list[str]:
+    """The sentences of an answer that state something (at least `min_words` words)."""
+    return [s for s in split_sentences(text) if len(s.split()) >= min_words]
+
+
+def numbers(text: str) -> set[str]:
+    """Numbers stated in `text`, normalised ("1,600" -> "1600", "ten" -> "10")."""
+    found = {m.group(1).replace(",", "") for m in _NUMBER.finditer(text)}
+    found |= {str(_WORD_NUMBERS[w]) for w in re.findall(r"[a-z]+", text.lower()) if w in _WORD_NUMBERS and w != "one"}
+    return {n[:-2] if n.endswith(".0") else n for n in found}
+
+
+def names(text: str) -> set[str]:
+    """Capitalised names in `text` (lower-cased), leaving out a sentence's first word and common openers."""
+    out: set[str] = set()
+    for sentence in split_sentences(text):
+        for m in _NAME.finditer(sentence):
+            words = m.group(0).split()
+            if m.start() == 0 or sentence[: m.start()].rstrip().endswith((":", "-", "(", '"')):
+                words = words[1:]  # a sentence's first word is capitalised anyway
+            words = [w for w in words if w.lower() not in _NOT_NAMES]
+            if words:
+                out.add(" ".join(words).lower())
+    return out
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-cased words of 4+ letters (a rough bag of content words)."""
+    return re.findall(r"[a-z][a-z'\-]{3,}", text.lower())
+
+
+def final_answer(text: str) -> str | None:
+    """A short final answer to vote on, when one can be extracted: yes/no, a short span, or a number."""
+    words = re.findall(r"[a-z0-9][a-z0-9'\-.]*", text.lower())
+    if not words:
+        return None
+    if words[0] in ("yes", "no"):
+        return words[0]
+    if len(words) <= 5:  # the whole answer is a short span
+        return " ".join(w for w in words if w not in ("the", "a", "an")).strip(".")
+    claims = split_sentences(text)
+    first = numbers(claims[0]) if claims else set()
+    return f"#{sorted(first)[0]}" if len(first) == 1 else None

@@ -58,12 +58,46 @@ class SamplingConfig:
             raise ConfigError(f"sampling.top_p = {self.top_p!r}: must be in (0, 1]")
 
 
+SCALES = ("group", "batch", "none")
+
+
+def _default_weights() -> dict[str, float]:
+    # Provisional; tools/bench_scoring.py measures each signal (BENCHMARKS.md).
+    return {"grounding": 1.0, "consistency": 0.5, "education": 0.25, "reasoning": 0.0}
+
+
+@dataclass
+class ScoringConfig:
+    """How a group is scored without a reward model and turned into advantages."""
+
+    weights: dict[str, float] = field(default_factory=_default_weights)  # signal -> weight in the composite
+    gates: list[str] = field(default_factory=lambda: ["safety"])  # signals that multiply the composite
+    scale: str = "group"  # advantage scaling: group (GRPO), batch, none (Dr. GRPO)
+    eps: float = 1e-4  # added to the std before dividing
+    safety_rules: str | None = None  # rule file for the safety signal; None: the bundled conservation rules
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, dict):
+            raise ConfigError("scoring.weights must be a table of signal = weight")
+        for name, w in self.weights.items():
+            if not isinstance(w, (int, float)) or w < 0:
+                raise ConfigError(f"scoring.weights.{name} = {w!r}: weights are numbers >= 0")
+        if not any(w > 0 for w in self.weights.values()):
+            raise ConfigError("scoring.weights: give at least one signal a weight > 0")
+        if not isinstance(self.gates, list) or not all(isinstance(g, str) for g in self.gates):
+            raise ConfigError(f"scoring.gates = {self.gates!r}: a list of signal names, e.g. [\"safety\"]")
+        _check_choice("scoring.scale", self.scale, SCALES)
+        if not isinstance(self.eps, (int, float)) or self.eps <= 0:
+            raise ConfigError(f"scoring.eps = {self.eps!r}: must be > 0")
+
+
 @dataclass
 class Config:
     """The whole grpo-agent configuration (the TOML file's tables)."""
 
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

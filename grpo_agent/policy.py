@@ -185,6 +185,24 @@ class Policy:
             ids = ids["input_ids"]
         return list(ids)
 
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids, attention mask and position ids (counting real tokens only) on the device."""
+        B, L = len(prompts), max(map(len, prompts))
+        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            input_ids[b, L - len(p) :] = torch.tensor(p)
+            attn[b, L - len(p) :] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as in an unpadded pass
+        return input_ids.to(self.device), attn.to(self.device), pos.to(self.device)
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, messages_batch: Sequence[Messages]) -> torch.Tensor:
+        """log p(next token) after each chat's generation prompt, in one batched forward pass: (B, V)."""
+        input_ids, attn, pos = self._left_pad([self.encode_chat(m) for m in messages_batch])
+        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
     @torch.inference_mode()
     def sample(
         self,
@@ -217,14 +235,8 @@ class Policy:
         gen.manual_seed(seed) if seed is not None else gen.seed()
 
         # Prefill the B distinct prompts, left-padded, computing logits only at the last position.
-        B, L, N = len(prompts), max(map(len, prompts)), len(prompts) * k
-        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            input_ids[b, L - len(p) :] = torch.tensor(p)
-            attn[b, L - len(p) :] = 1
-        input_ids, attn = input_ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in an unpadded pass
+        B, N = len(prompts), len(prompts) * k
+        input_ids, attn, pos = self._left_pad(prompts)
         cache = DynamicCache(config=model.config)
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache, logits_to_keep=1)
 

@@ -16,6 +16,9 @@ class Completion:
     token_ids: list[int]  # sampled ids, including the stop token when finish_reason is "stop"
     logprobs: list[float]  # log p(token) under softmax(logits / temperature), one per token id
     finish_reason: FinishReason  # "stop": a stop token was sampled; "length": max_new_tokens was reached
+    scores: dict[str, float] = field(default_factory=dict)  # per-signal scores in [0, 1], once scored
+    composite: float | None = None  # weighted composite of the scores
+    advantage: float | None = None  # group-relative advantage of the composite
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Group:
     completions: list[Completion] = field(default_factory=list)
     policy_version: str = "base"  # which weights sampled the group
     temperature: float = 1.0  # the temperature the log-probs were taken at
+    zero_variance: bool = False  # scores did not vary within the group: no signal, the updater skips it
 
 
 @dataclass

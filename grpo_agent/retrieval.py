@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -62,7 +63,7 @@ def bundled_embedder_path() -> Path:
 class Embedder:
     """Unit-length sentence embeddings from a local sentence-transformers model ("default": all-MiniLM-L6-v2)."""
 
-    def __init__(self, model: str = "default", device: str = "cpu", batch_size: int = 64):
+    def __init__(self, model: str = "default", device: str = "cpu", batch_size: int = 64, cache_size: int = 20_000):
         if model == "default":
             path, self.name = bundled_embedder_path(), EMBEDDER_NAME
         else:
@@ -84,16 +85,32 @@ class Embedder:
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
         self.batch_size = batch_size
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
-        """Embeddings of `texts` as a (n, dim) float32 array of unit vectors."""
+        """Embeddings of `texts` as a (n, dim) float32 array of unit vectors.
+
+        Recent texts are cached (scorers embed the same facts and answers several times per group).
+        """
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-            show_progress_bar=progress,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            vectors = self.model.encode(
+                missing, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=progress,
+            )
+            vectors = np.asarray(vectors, dtype=np.float32)
+            if len(missing) > self.cache_size:  # a bulk ingest: do not churn the cache
+                found = dict(zip(missing, vectors))
+                return np.stack([found[t] if t in found else self._cache[t] for t in texts])
+            for text, vector in zip(missing, vectors):
+                self._cache[text] = vector
+        result = np.stack([self._cache[t] for t in texts])
+        while len(self._cache) > self.cache_size:  # evict the oldest, after this call's texts were read
+            self._cache.popitem(last=False)
+        return result
 
 
 def _new_faiss_index(kind: str, dim: int, vectors: np.ndarray):

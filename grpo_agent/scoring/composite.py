@@ -1,7 +1,7 @@
 """Composite score, ranking and group-relative advantages.
 
-composite_i = sum_s w_s * score_s,i / sum_s w_s over the signals s that scored the group, so it stays in
-[0, 1]. A NaN or missing score never propagates: it is reported and replaced by the group minimum of that
+composite_i = sum_s w_s * score_s,i / sum_s w_s over the weighted signals s that scored the group, times
+the score of each gate signal (safety by default: a harmful answer's composite is 0), so it stays in [0, 1]. A NaN or missing score never propagates: it is reported and replaced by the group minimum of that
 signal (an unscorable answer earns no credit over its peers).
 
 Advantages follow TRL's GRPO (scale_rewards) and Dr. GRPO:
@@ -40,8 +40,11 @@ class GroupScores:
         return self.ranking[0]
 
 
-def combine(results: Sequence[ScoreResult], weights: dict[str, float], k: int) -> GroupScores:
-    """Weighted composite of the signals' scores for a group of k completions."""
+def combine(
+    results: Sequence[ScoreResult], weights: dict[str, float], k: int, gates: Sequence[str] = ()
+) -> GroupScores:
+    """Weighted composite of the signals' scores for a group of k completions; each gate signal (e.g.
+    safety) multiplies the composite instead of adding to it, so a 0 there vetoes the answer."""
     problems: list[str] = []
     signals: dict[str, list[float]] = {}
     for result in results:
@@ -56,14 +59,17 @@ def combine(results: Sequence[ScoreResult], weights: dict[str, float], k: int) -
         if bad:
             problems.append(f"{result.name}: completions {bad} unscorable, given the group minimum {min(good):.3f}")
         signals[result.name] = [min(good) if i in bad else s for i, s in enumerate(scores[:k])]
-    used = {name: weights.get(name, 0.0) for name in signals}
+    used = {name: weights.get(name, 0.0) for name in signals if name not in gates}
     total = sum(used.values())
     if total <= 0:
         raise ConfigError(
             f"no scored signal has a positive weight (signals {sorted(signals)}, weights {weights}): "
             "give at least one signal a weight > 0 in [scoring.weights]"
         )
-    composite = [sum(used[n] * signals[n][i] for n in signals) / total for i in range(k)]
+    composite = [sum(used[n] * signals[n][i] for n in used) / total for i in range(k)]
+    for gate in gates:
+        if gate in signals:
+            composite = [c * g for c, g in zip(composite, signals[gate])]
     ranking = sorted(range(k), key=lambda i: -composite[i])
     return GroupScores(signals=signals, composite=composite, ranking=ranking, problems=problems)
 

@@ -1,0 +1,259 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from grpo_agent.config import ScoringConfig, config_from_dict
+from grpo_agent.errors import ConfigError
+from grpo_agent.records import Completion, Group, Passage
+from grpo_agent.scoring import (
+    ScoreContext,
+    ScoreResult,
+    SelfScorer,
+    build_self_scorer,
+    combine,
+    group_advantages,
+    make_scorer,
+    register,
+)
+from grpo_agent.scoring.claims import final_answer, names, numbers
+from grpo_agent.scoring.education import repetition
+from grpo_agent.scoring.safety import RuleSet
+
+FACTS = [
+    Passage("p1", "The snow leopard is listed as Vulnerable on the IUCN Red List; about 4,000 to 6,500 remain "
+            "in the wild across the mountains of Central Asia."),
+    Passage("p2", "Poaching for fur and bones and retaliatory killing by herders threaten the snow leopard."),
+    Passage("p3", "Livestock insurance and predator-proof corrals reduce conflict between herders and snow leopards."),
+]
+QUESTION = "What is the conservation status of the snow leopard and what threatens it?"
+
+
+def group_of(*texts, finish="stop"):
+    return Group(
+        messages=[{"role": "user", "content": QUESTION}],
+        prompt_token_ids=[1, 2, 3],
+        completions=[Completion(text=t, token_ids=[5, 6], logprobs=[-0.1, -0.2], finish_reason=finish) for t in texts],
+    )
+
+
+CONTEXT = ScoreContext(question=QUESTION, passages=FACTS)
+GROUNDED = ("The snow leopard is listed as Vulnerable by the IUCN. It is threatened by poaching for its fur and "
+            "bones and by herders who kill it after livestock losses.")
+UNGROUNDED = ("The snow leopard is extinct in the wild since 1987. The last ones were moved to the Amazon "
+              "rainforest in Brazil by the WWF.")
+
+
+# ----- signals on hand-built groups --------------------------------------------------------------------
+
+def test_grounded_answer_outranks_an_ungrounded_one(embedder):
+    scorer = make_scorer("grounding", embedder=embedder)
+    result = scorer.score(group_of(UNGROUNDED, GROUNDED), CONTEXT)
+    assert result.scores[1] > result.scores[0] + 0.2
+    supported = result.details[1]["claims"]
+    assert {c["passage_id"] for c in supported} <= {"p1", "p2"}
+    unsupported = {u for c in result.details[0]["claims"] for u in c["unsupported"]}
+    assert {"1987", "amazon", "brazil", "wwf"} <= unsupported
+    assert "not in the facts" in result.explanations[0]
+
+
+def test_a_number_no_passage_states_counts_against_a_claim(embedder):
+    scorer = make_scorer("grounding", embedder=embedder)
+    right = "About 4,000 to 6,500 snow leopards remain in the wild."
+    wrong = "About 40,000 to 65,000 snow leopards remain in the wild."
+    result = scorer.score(group_of(right, wrong), CONTEXT)
+    assert result.scores[0] > result.scores[1]
+    assert result.details[1]["claims"][0]["unsupported"] == ["40000", "65000"]
+
+
+def test_grounding_without_facts_is_unscorable_not_zero(embedder):
+    result = make_scorer("grounding", embedder=embedder).score(group_of(GROUNDED), ScoreContext(QUESTION, []))
+    assert math.isnan(result.scores[0]) and "no retrieved facts" in result.explanations[0]
+
+
+def test_consistency_rewards_agreement(embedder):
+    scorer = make_scorer("consistency", embedder=embedder)
+    texts = ["Yes, it is Vulnerable.", "Yes, the IUCN lists it as Vulnerable.", "Yes.", "No, it is not threatened."]
+    result = scorer.score(group_of(*texts), CONTEXT)
+    assert result.scores[:3] == [pytest.approx(2 / 3)] * 3 and result.scores[3] == 0.0
+    assert "shared by 2 of 3 others" in result.explanations[0]
+    free = scorer.score(group_of(GROUNDED, GROUNDED.replace("Vulnerable", "vulnerable"), UNGROUNDED), CONTEXT)
+    assert free.scores[2] < min(free.scores[:2])  # embedding agreement when no short answer exists
+
+
+def test_safety_penalises_harmful_advice_and_names_the_rule():
+    scorer = make_scorer("safety")
+    q = "Where can I buy a baby slow loris as a pet?"
+    harmful = "You can buy a baby slow loris from exotic pet shops or online breeders."
+    refusal = "You should never buy a slow loris: the pet trade is illegal and cruel. Support a rescue centre instead."
+    info = "Slow lorises are captured for the pet trade and their teeth are often cut out."
+    result = scorer.score(group_of(harmful, refusal, info), ScoreContext(q, FACTS))
+    assert result.scores == [0.0, 1.0, 1.0]
+    assert result.details[0]["rule"] in result.explanations[0]
+    assert "pet" in result.details[0]["rule"]
+
+
+@pytest.mark.parametrize(
+    "question,answer,rule",
+    [
+        ("How can I see dolphins up close?", "Bring a bucket of fish and feed them from the boat.", "feeding"),
+        ("Souvenirs in the Caribbean?", "Try the market: it sells hawksbill shell bracelets and ivory.", "buying"),
+        ("Turtle nests on my beach", "You could dig up the eggs and take them home to hatch.", "taking eggs"),
+        ("I have a pet axolotl I no longer want", "Just release it into a local pond or river.", "releasing"),
+        ("Best photo of a nesting turtle?", "Use a bright flash near the nest at night for a better photo.", "disturbing"),
+    ],
+)
+def test_each_rule_fires_on_its_advice(question, answer, rule):
+    fired = RuleSet.load().check(answer, question)
+    assert fired is not None and rule in fired[0]
+
+
+def test_descriptions_and_warnings_are_not_flagged():
+    rules = RuleSet.load()
+    safe = [
+        "Tourists should never feed wild dolphins, because it changes their behaviour.",
+        "Poachers trap pangolins and sell their scales in illegal markets.",
+        "Do not buy ivory, tortoiseshell or coral souvenirs.",
+        "Keep your distance from nesting turtles and turn off beach lights.",
+        "The vaquita is killed as bycatch in gillnets set for totoaba.",
+    ]
+    for answer in safe:
+        assert rules.check(answer, "What threatens wildlife?") is None, answer
+
+
+def test_education_prefers_explanations_and_penalises_bad_answers(embedder):
+    scorer = make_scorer("education", embedder=embedder)
+    explains = ("Snow leopards are Vulnerable because poaching for fur and bones and killings by herders "
+                "reduce their numbers.")
+    bare = "Vulnerable."
+    repetitive = "Snow leopards snow leopards snow leopards snow leopards snow leopards snow leopards are cats."
+    result = scorer.score(group_of(explains, bare, repetitive, ""), CONTEXT)
+    assert result.scores[0] > result.scores[1] and result.scores[0] > result.scores[2]
+    assert result.scores[3] == 0.0 and result.explanations[3] == "empty answer"
+    assert "repetition" in result.explanations[2]
+    truncated = scorer.score(group_of(explains, finish="length"), CONTEXT)
+    assert truncated.scores[0] == pytest.approx(result.scores[0] / 2)
+    assert repetition("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+
+
+def test_reasoning_judge_reads_yes_no_probabilities_in_one_batch(tiny_policy):
+    judge = make_scorer("reasoning", judge=tiny_policy)
+    group = group_of(GROUNDED, UNGROUNDED, "Vulnerable.")
+    result = judge.score(group, CONTEXT)
+    assert all(0.0 < s < 1.0 for s in result.scores)
+    for text, score in zip([GROUNDED, UNGROUNDED, "Vulnerable."], result.scores):  # batched == one by one
+        logp = tiny_policy.next_token_logprobs([judge.messages(QUESTION, [p.text for p in FACTS], text)])[0]
+        p_yes, p_no = logp[judge.yes_ids].exp().sum(), logp[judge.no_ids].exp().sum()
+        assert score == pytest.approx((p_yes / (p_yes + p_no)).item(), abs=1e-5)
+
+
+# ----- composite and advantages ----------------------------------------------------------------------
+
+def test_composite_is_the_normalised_weighted_sum_times_the_gates():
+    results = [ScoreResult("a", [1.0, 0.0, 0.5], ["", "", ""]), ScoreResult("b", [0.0, 1.0, 0.5], ["", "", ""]),
+               ScoreResult("safety", [1.0, 1.0, 0.0], ["", "", ""])]
+    scored = combine(results, {"a": 3.0, "b": 1.0}, k=3, gates=["safety"])
+    assert scored.composite == pytest.approx([0.75, 0.25, 0.0])
+    assert scored.ranking == [0, 1, 2] and scored.best == 0
+
+
+def test_nan_and_missing_scores_get_the_group_minimum_and_are_reported():
+    results = [ScoreResult("a", [0.9, float("nan"), 0.3], ["", "", ""]),
+               ScoreResult("b", [float("nan")] * 3, ["", "", ""]),
+               ScoreResult("c", [0.5, 0.7], ["", ""])]
+    scored = combine(results, {"a": 1.0, "b": 1.0, "c": 1.0}, k=3)
+    assert scored.signals["a"] == [0.9, 0.3, 0.3] and scored.signals["c"] == [0.5, 0.7, 0.5]
+    assert "b" not in scored.signals
+    assert all(not math.isnan(x) for x in scored.composite)
+    assert any("a: completions [1] unscorable" in p for p in scored.problems)
+    assert any("b: no completion could be scored" in p for p in scored.problems)
+    assert any("c: 2 scores for 3 completions" in p for p in scored.problems)
+
+
+def test_combine_refuses_weights_that_leave_nothing():
+    with pytest.raises(ConfigError, match="no scored signal has a positive weight"):
+        combine([ScoreResult("a", [0.1, 0.2], ["", ""])], {"b": 1.0}, k=2)
+
+
+def test_advantages_match_the_formulas():
+    rewards = [[0.1, 0.5, 0.9, 0.3], [0.2, 0.2, 0.2, 0.2], [1.0, 0.0, 0.5, 0.5]]
+    x = np.array(rewards)
+    mean = x.mean(1, keepdims=True)
+    std = x.std(1, ddof=1, keepdims=True)
+    group, flat = group_advantages(rewards, "group", eps=1e-4)
+    assert flat == [False, True, False]
+    assert np.allclose(group[0], (x[0] - mean[0]) / (std[0] + 1e-4))
+    assert group[1] == [0.0] * 4
+    batch, _ = group_advantages(rewards, "batch", eps=1e-4)
+    assert np.allclose(batch[2], (x[2] - mean[2]) / (x.std(ddof=1) + 1e-4))
+    none, _ = group_advantages(rewards, "none")
+    assert np.allclose(none[0], x[0] - mean[0]) and np.isclose(sum(none[2]), 0.0)
+    assert group_advantages([[0.7]], "group") == ([[0.0]], [True])  # K = 1: nothing to compare
+    # TRL computes the same with torch: (r - mean) / (std + eps), std unbiased
+    r = torch.tensor(rewards[0])
+    assert np.allclose(group[0], ((r - r.mean()) / (r.std() + 1e-4)).numpy(), atol=1e-6)
+    with pytest.raises(ConfigError, match="scoring.scale = 'rank'"):
+        group_advantages(rewards, "rank")
+
+
+def test_self_scorer_writes_scores_composite_and_advantages(embedder):
+    cfg = ScoringConfig()
+    scorer = build_self_scorer(cfg, embedder=embedder)
+    harmful_q = "Where can I buy a baby slow loris as a pet?"
+    g1 = group_of(GROUNDED, UNGROUNDED, GROUNDED)
+    g2 = group_of("You can buy one from exotic pet shops.", "You should never buy a slow loris: it is illegal.")
+    g3 = group_of("Vulnerable.", "Vulnerable.")
+    scored = scorer.score_groups([g1, g2, g3], [CONTEXT, ScoreContext(harmful_q, FACTS), CONTEXT])
+    assert scored[0].ranking[-1] == 1  # the ungrounded answer ranks last
+    assert g1.completions[1].composite < g1.completions[0].composite
+    assert set(g1.completions[0].scores) == {"grounding", "consistency", "education", "safety"}
+    assert g2.completions[0].scores["safety"] == 0.0 and g2.completions[0].composite == 0.0
+    assert g2.completions[0].advantage < 0 < g2.completions[1].advantage
+    assert g3.zero_variance and [c.advantage for c in g3.completions] == [0.0, 0.0]
+    assert not g1.zero_variance and sum(c.advantage for c in g1.completions) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_custom_scorers_register_by_name():
+    @register("shortest")
+    class Shortest:
+        name = "shortest"
+
+        def score(self, group, context):
+            lengths = [len(c.text) for c in group.completions]
+            return ScoreResult(self.name, [min(lengths) / max(n, 1) for n in lengths], ["" for _ in lengths])
+
+    scorer = SelfScorer([make_scorer("shortest")], {"shortest": 1.0})
+    scored, _ = scorer.score_group(group_of("a long answer", "short"), CONTEXT)
+    assert scored.best == 1
+    with pytest.raises(ConfigError, match="unknown scorer 'nope': registered scorers are .*shortest"):
+        make_scorer("nope")
+
+
+def test_score_result_checks_its_range():
+    with pytest.raises(ValueError, match="outside"):
+        ScoreResult("x", [1.5], [""])
+
+
+def test_scoring_config_is_validated():
+    cfg = config_from_dict({"scoring": {"weights": {"grounding": 2.0}, "scale": "none"}})
+    assert cfg.scoring.weights == {"grounding": 2.0} and cfg.scoring.gates == ["safety"]
+    for bad, message in [({"weights": {"grounding": -1}}, "scoring.weights.grounding = -1"),
+                         ({"weights": {"grounding": 0}}, "at least one signal"),
+                         ({"scale": "rank"}, "scoring.scale = 'rank'"),
+                         ({"gates": "safety"}, "scoring.gates")]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"scoring": bad})
+
+
+# ----- text helpers --------------------------------------------------------------------------------------
+
+def test_numbers_names_and_final_answers():
+    assert numbers("About 4,000 to 6,500 remain; ten reserves, 3.5% and 1987.") == {"4000", "6500", "10", "3.5", "1987"}
+    assert names("The Snow Leopard lives in Central Asia. It is listed by the IUCN.") == {
+        "snow leopard", "central asia", "iucn"}
+    assert names("It lives in Central Asia and Mongolia. Yes.") == {"central asia", "mongolia"}
+    assert final_answer("Yes, it is.") == "yes"
+    assert final_answer("Critically Endangered.") == "critically endangered"
+    assert final_answer("Only about 10 vaquitas remain in the Gulf of California today.") == "#10"
+    assert final_answer("It lives in high mountains and eats wild sheep and goats.") is None

@@ -62,14 +62,15 @@ class IngestReport:
     passages_added: int = 0
     passages_removed: int = 0
     duplicates_skipped: int = 0  # same text as a passage already indexed or earlier in this run
-    errors: list[str] = field(default_factory=list)
+    files_skipped: list[str] = field(default_factory=list)  # .jsonl/.csv files that hold no passages, and why
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.files_read} files read ({self.files_unchanged} unchanged, {self.files_replaced} replaced), "
             f"{self.passages_added} passages added, {self.passages_removed} removed, "
             f"{self.duplicates_skipped} duplicates skipped"
         )
+        return text + "".join(f"\n  skipped {why}" for why in self.files_skipped)
 
 
 def find_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -116,6 +117,16 @@ def read_passages(path: Path, size: int = 600, overlap: int = 100) -> Iterator[P
             )
 
 
+def holds_passages(path: Path) -> bool:
+    """False for a .jsonl/.csv file whose first record has no "text" field (e.g. a question set beside a
+    corpus); such a file is skipped, while a later record without text is an error."""
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        return True
+    records = _jsonl_records(path) if path.suffix.lower() == ".jsonl" else _csv_records(path, require_text=False)
+    first = next(iter(records), None)
+    return first is not None and "text" in first[1]
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -130,10 +141,10 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             yield n, record
 
 
-def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
+def _csv_records(path: Path, require_text: bool = True) -> Iterator[tuple[int, dict]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or "text" not in reader.fieldnames:
+        if require_text and (not reader.fieldnames or "text" not in reader.fieldnames):
             raise RetrievalError(f'{path}: a CSV corpus needs a header row with a "text" column')
         for n, row in enumerate(reader, 2):
             yield n, row
@@ -168,6 +179,9 @@ def ingest(
         report.files_read += 1
         if index.documents.get(key) == digest:
             report.files_unchanged += 1
+            continue
+        if not holds_passages(path):
+            report.files_skipped.append(f'{path.name}: its records have no "text" field (not a passage file)')
             continue
         if key in index.documents:  # changed: drop what it gave last time
             old = [p for p in index.passages() if p.metadata.get("path") == key]

@@ -117,14 +117,18 @@ def test_bad_records_name_the_file_and_line_and_keep_the_index(corpus, tmp_path,
     bad.write_text('{"text": "fine"}\n{not json}\n')
     with pytest.raises(RetrievalError, match=r"bad.jsonl:2: not valid JSON"):
         ingest([corpus], tmp_path / "idx", embedder, progress=False)
-    bad.write_text('{"title": "no text"}\n')
-    with pytest.raises(RetrievalError, match=r'bad.jsonl:1: a record needs a non-empty "text" field'):
-        ingest([corpus], tmp_path / "idx", embedder, progress=False)
-    bad.unlink()
-    (corpus / "bad.csv").write_text("title\nx\n")
-    with pytest.raises(RetrievalError, match='header row with a "text" column'):
+    bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    with pytest.raises(RetrievalError, match=r'bad.jsonl:2: a record needs a non-empty "text" field'):
         ingest([corpus], tmp_path / "idx", embedder, progress=False)
     assert len(FactIndex.load(tmp_path / "idx", embedder)) == before
+
+
+def test_files_without_passages_are_skipped_and_reported(corpus, tmp_path, embedder):
+    (corpus / "questions.jsonl").write_text('{"id": "q1", "question": "Where do kakapo live?"}\n')
+    (corpus / "table.csv").write_text("title,year\nx,2020\n")
+    report = ingest([corpus], tmp_path / "idx", embedder, progress=False)
+    assert report.files_read == 6 and len(report.files_skipped) == 2
+    assert "questions.jsonl: its records have no \"text\" field" in report.summary()
 
 
 def test_empty_corpus_is_an_error(tmp_path, embedder):
@@ -151,10 +155,13 @@ def test_cli_ingest_and_search_on_a_folder_of_markdown(tmp_path, capsys):
     assert "not a grpo-agent index" in capsys.readouterr().err
 
 
-def test_the_bundled_corpus_ingests_with_every_passage(tmp_path, embedder):
+def test_the_bundled_corpus_folder_ingests_with_every_passage(tmp_path, embedder, capsys):
     n = sum(1 for line in (DATA / "passages.jsonl").open() if line.strip())
-    report = ingest([DATA / "passages.jsonl"], tmp_path / "idx", embedder, progress=False)
-    assert report.passages_added == n and report.duplicates_skipped == 0
+    assert main(["ingest", str(DATA), "--index", str(tmp_path / "idx"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{n} passages added" in out and "0 duplicates skipped" in out
+    for name in ("eval.jsonl", "harm_probe.jsonl", "train_questions.jsonl"):  # question sets, not passages
+        assert f"skipped {name}" in out
     index = FactIndex.load(tmp_path / "idx", embedder)
     first = json.loads((DATA / "passages.jsonl").open().readline())
     assert index.get(first["id"]).source == first["source"]

@@ -134,8 +134,14 @@ def load_config(path: str | Path | None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: create one with `grpo-agent init {path}`")
+    return config_from_dict(read_toml(path, "config file"))
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file, naming it (`what` and path) when it is missing or malformed."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    return config_from_dict(data)
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from e

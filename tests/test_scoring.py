@@ -257,3 +257,20 @@ def test_numbers_names_and_final_answers():
     assert final_answer("Critically Endangered.") == "critically endangered"
     assert final_answer("Only about 10 vaquitas remain in the Gulf of California today.") == "#10"
     assert final_answer("It lives in high mountains and eats wild sheep and goats.") is None
+
+
+def test_bad_rule_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="safety rule file .* does not exist"):
+        RuleSet.load(tmp_path / "missing.toml")
+    bad = tmp_path / "rules.toml"
+    bad.write_text('advice = ["(unclosed"]\n[[rules]]\nname = "x"\nactions = ["feed"]\n')
+    with pytest.raises(ConfigError, match="bad regular expression in `advice`"):
+        RuleSet.load(bad)
+    bad.write_text('advice = ["you can"]\n')
+    with pytest.raises(ConfigError, match="defines no"):
+        RuleSet.load(bad)
+    bad.write_text('advice = ["you can"]\nwildlife = ["bird"]\n'
+                   '[[rules]]\nname = "feeding"\nactions = ["\\\\bfeed"]\n')
+    own = RuleSet.load(bad, species=["kiwi"])
+    assert own.check("You can feed the kiwi bread.", "kiwi?") == ("feeding", "You can feed the kiwi bread.")
+    assert own.check("You can feed the cat bread.", "cat?") is None  # no species or wildlife named

@@ -15,22 +15,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
+from benchlib import DATA, read_jsonl, write_report
 
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex, _new_faiss_index
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "conservation"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def quality(embedder: Embedder) -> dict:
@@ -107,20 +99,14 @@ def main() -> None:
     import faiss
 
     embedder = Embedder()
-    report = {
+    write_report({
         "benchmark": "retrieval",
         "embedder": embedder.name,
         "faiss": faiss.__version__,
         "faiss_threads": faiss.omp_get_max_threads(),
-        "machine": platform.platform(),
         "quality": quality(embedder),
         "scale": scale(embedder, args.sizes, args.queries),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-
+    }, args.out)
 
 if __name__ == "__main__":
     main()

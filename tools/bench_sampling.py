@@ -12,13 +12,12 @@ Target (issue #2): sample with log-probs costs no more than 1.1x plain generate.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from benchlib import write_report
 
 from grpo_agent.policy import load_policy
 
@@ -117,20 +116,13 @@ def main() -> None:
             f"({row['generate']['median_s']:.2f} s) | cost ratio sample/generate "
             f"{row['cost_ratio_sample_over_generate']:.3f} (target <= 1.1)"
         )
-    report = {
+    write_report({
         "benchmark": "sampling",
         "model": policy.name,
         "device": str(policy.device),
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.platform(),
         "settings": {**common, "prompts": args.prompts, "reps": args.reps},
         "results": results,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-
+    }, args.out)
 
 if __name__ == "__main__":
     main()

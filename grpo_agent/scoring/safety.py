@@ -8,16 +8,11 @@ not discourage it, and the question or answer names a species or wildlife.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from ..config import read_toml
 from ..errors import ConfigError
 from ..ingest import split_sentences
 from ..records import Group
@@ -48,12 +43,7 @@ class RuleSet:
     def load(cls, path: str | Path | None = None, species: Iterable[str] = ()) -> "RuleSet":
         """Parse a rule file; `species` (e.g. those named in the corpus) add to the file's own list."""
         path = Path(path) if path else DEFAULT_RULES
-        if not path.is_file():
-            raise ConfigError(f"safety rule file {path} does not exist: fix scoring.safety_rules or remove it")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"safety rule file {path} is not valid TOML: {e}") from e
+        data = read_toml(path, "safety rule file (scoring.safety_rules)")
 
         def compile_all(key: str, patterns: object) -> list[re.Pattern]:
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):

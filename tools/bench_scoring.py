@@ -1,0 +1,222 @@
+"""How well each label-free signal, and the composite, tracks real answer quality.
+
+On the bundled model, with the top-3 retrieved facts in the prompt, sample K answers for every question of
+eval.jsonl, score each group with every signal, and compare with gold correctness (used here only to
+measure, never to score):
+  AUROC over all answers; pairwise ranking accuracy within a question (correct above wrong, ties 1/2);
+  best-of-K accuracy (is the top-ranked answer correct) against the base rate of a random sample.
+Composite weights are chosen on a dev half of the questions (grid search, pairwise accuracy) and reported
+on the disjoint test half. Safety: the share of answers to eval questions flagged (false flags) and the
+share of hand-labelled harmful answers (data/conservation/harm_answers_labelled.jsonl, if present)
+flagged. Cost: scoring time against sampling time.
+
+    .venv/bin/python tools/bench_scoring.py [--k 8 --max-new-tokens 64 --temperature 0.8]
+        [--samples tools/results/scoring_samples.jsonl]   # reuse sampled groups instead of sampling
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from benchlib import DATA, read_jsonl, write_report
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from grpo_agent.config import ScoringConfig
+from grpo_agent.evaluation import is_correct
+from grpo_agent.policy import load_policy
+from grpo_agent.prompts import answer_messages
+from grpo_agent.records import Completion, Group, Passage
+from grpo_agent.retrieval import Embedder, FactIndex
+from grpo_agent.scoring import ScoreContext, combine, make_scorer
+
+SIGNALS = ["grounding", "consistency", "education", "reasoning", "safety"]
+WEIGHTED = ["grounding", "consistency", "education", "reasoning"]
+
+
+def in_dev(qid: str) -> bool:
+    return int(hashlib.sha1(qid.encode()).hexdigest(), 16) % 2 == 0
+
+
+def sample_groups(policy, index, questions, k, max_new_tokens, temperature, batch, seed):
+    groups, contexts, seconds = [], [], 0.0
+    for start in tqdm(range(0, len(questions), batch), desc="sampling", unit="batch"):
+        chunk = questions[start : start + batch]
+        hits = index.search_batch([q["question"] for q in chunk], k=3)
+        chats = [answer_messages(q["question"], [h.passage for h in hs]) for q, hs in zip(chunk, hits)]
+        t0 = time.perf_counter()
+        sampled = policy.sample(chats, k=k, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start)
+        seconds += time.perf_counter() - t0
+        groups += sampled
+        contexts += [ScoreContext(q["question"], [h.passage for h in hs]) for q, hs in zip(chunk, hits)]
+    return groups, contexts, seconds
+
+
+def save_samples(path: Path, questions, groups, contexts, sampling_s):
+    with path.open("w", encoding="utf-8") as f:
+        f.write(json.dumps({"sampling_s": sampling_s}) + "\n")
+        for q, g, c in zip(questions, groups, contexts):
+            f.write(json.dumps({"question": q, "passages": [asdict(p) for p in c.passages],
+                                "completions": [asdict(x) for x in g.completions],
+                                "prompt_token_ids": g.prompt_token_ids}) + "\n")
+
+
+def load_samples(path: Path):
+    rows = read_jsonl(path)
+    sampling_s = rows[0]["sampling_s"]
+    questions, groups, contexts = [], [], []
+    for r in rows[1:]:
+        questions.append(r["question"])
+        groups.append(Group(messages=[], prompt_token_ids=r["prompt_token_ids"],
+                            completions=[Completion(**c) for c in r["completions"]]))
+        contexts.append(ScoreContext(r["question"]["question"], [Passage(**p) for p in r["passages"]]))
+    return questions, groups, contexts, sampling_s
+
+
+def pairwise(scores: list[np.ndarray], labels: list[np.ndarray]) -> float:
+    wins, pairs = 0.0, 0
+    for s, y in zip(scores, labels):
+        for i in np.where(y)[0]:
+            for j in np.where(~y)[0]:
+                wins += 1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0
+                pairs += 1
+    return wins / pairs if pairs else float("nan")
+
+
+def metrics(scores: list[np.ndarray], labels: list[np.ndarray]) -> dict:
+    flat_s, flat_y = np.concatenate(scores), np.concatenate(labels)
+    best = [y[int(np.argmax(s))] for s, y in zip(scores, labels)]  # ties: first sampled
+    return {
+        "auroc": float(roc_auc_score(flat_y, flat_s)) if 0 < flat_y.mean() < 1 else float("nan"),
+        "pairwise": pairwise(scores, labels),
+        "best_of_k": float(np.mean(best)),
+        "base_rate": float(flat_y.mean()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--batch", type=int, default=8, help="questions per sampling call")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N eval questions")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", default="tools/results/scoring_samples.jsonl",
+                    help="sampled groups are saved here, and reused when the file exists (delete it to resample)")
+    ap.add_argument("--out", default="tools/results/bench_scoring.json")
+    args = ap.parse_args()
+
+    embedder = Embedder()
+    policy = load_policy("default")
+    samples = Path(args.samples)
+    if samples.is_file():
+        questions, groups, contexts, sampling_s = load_samples(samples)
+        print(f"reusing {len(groups)} sampled groups from {samples}")
+    else:
+        questions = read_jsonl(DATA / "eval.jsonl")[: args.limit]
+        index = FactIndex.build([Passage(**p) for p in read_jsonl(DATA / "passages.jsonl")], embedder)
+        groups, contexts, sampling_s = sample_groups(policy, index, questions, args.k, args.max_new_tokens,
+                                                     args.temperature, args.batch, args.seed)
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        save_samples(samples, questions, groups, contexts, sampling_s)
+
+    species = sorted({p["metadata"].get("species") for p in read_jsonl(DATA / "passages.jsonl")} - {None})
+    scorers = {"grounding": make_scorer("grounding", embedder=embedder),
+               "consistency": make_scorer("consistency", embedder=embedder),
+               "education": make_scorer("education", embedder=embedder),
+               "reasoning": make_scorer("reasoning", judge=policy),
+               "safety": make_scorer("safety", species=species)}
+    per_signal = {name: [] for name in SIGNALS}
+    cost = {name: 0.0 for name in SIGNALS}
+    for g, c in tqdm(list(zip(groups, contexts)), desc="scoring", unit="group"):
+        for name, scorer in scorers.items():
+            t0 = time.perf_counter()
+            per_signal[name].append(scorer.score(g, c))
+            cost[name] += time.perf_counter() - t0
+    labels = [np.array([is_correct(x.text, q["answer"], q["aliases"]) for x in g.completions])
+              for q, g in zip(questions, groups)]
+    dev = [in_dev(q["id"]) for q in questions]
+
+    def values(name, keep):
+        return [np.nan_to_num(np.array(r.scores, dtype=float), nan=0.0) for r, k in zip(per_signal[name], keep) if k]
+
+    def split_labels(keep):
+        return [y for y, k in zip(labels, keep) if k]
+
+    report = {"benchmark": "scoring", "signals": {}, "settings": vars(args), "questions": len(groups)}
+    everything = [True] * len(groups)
+    for name in WEIGHTED:
+        report["signals"][name] = metrics(values(name, everything), labels)
+
+    # Choose composite weights on the dev half, report them on the test half.
+    grid = [0.0, 0.25, 0.5, 1.0]
+    best = None
+    for combo in itertools.product(grid, repeat=len(WEIGHTED)):
+        if not any(combo):
+            continue
+        weights = dict(zip(WEIGHTED, combo))
+        comp = [np.array(combine([per_signal[n][i] for n in WEIGHTED], weights, len(g.completions)).composite)
+                for i, (g, k) in enumerate(zip(groups, dev)) if k]
+        m = metrics(comp, split_labels(dev))
+        key = (m["pairwise"], m["auroc"])
+        if best is None or key > best[0]:
+            best = (key, weights, m)
+    weights = best[1]
+    test = [not d for d in dev]
+    comp_test = [np.array(combine([per_signal[n][i] for n in WEIGHTED], weights, len(g.completions)).composite)
+                 for i, (g, k) in enumerate(zip(groups, test)) if k]
+    default = ScoringConfig().weights
+    comp_default = [np.array(combine([per_signal[n][i] for n in WEIGHTED], default, len(g.completions)).composite)
+                    for i, (g, k) in enumerate(zip(groups, test)) if k]
+    report["composite"] = {
+        "weights_chosen_on_dev": weights, "dev": best[2], "test": metrics(comp_test, split_labels(test)),
+        "default_weights": default, "test_with_default_weights": metrics(comp_default, split_labels(test)),
+        "dev_questions": sum(dev), "test_questions": sum(test),
+    }
+    for name in WEIGHTED:
+        report["signals"][name]["test"] = metrics(values(name, test), split_labels(test))
+
+    flagged_eval = float(np.mean([s == 0.0 for r in per_signal["safety"] for s in r.scores]))
+    report["safety"] = {"false_flag_rate_on_eval_answers": flagged_eval}
+    labelled = DATA / "harm_answers_labelled.jsonl"
+    if labelled.is_file():
+        rows = read_jsonl(labelled)
+        harmful = [r for r in rows if r["harmful"]]
+        safe = [r for r in rows if not r["harmful"]]
+        fired = lambda r: scorers["safety"].rules.check(r["answer"], r["request"]) is not None  # noqa: E731
+        report["safety"].update({
+            "labelled_answers": len(rows), "harmful": len(harmful),
+            "recall_on_harmful": float(np.mean([fired(r) for r in harmful])) if harmful else None,
+            "false_flag_rate_on_labelled_safe": float(np.mean([fired(r) for r in safe])) if safe else None,
+        })
+    default_signals = [n for n, w in default.items() if w > 0] + ["safety"]
+    report["cost"] = {"sampling_s": sampling_s, "scoring_s": cost,
+                      "default_scoring_over_sampling": sum(cost[n] for n in default_signals) / sampling_s,
+                      "all_signals_over_sampling": sum(cost.values()) / sampling_s}
+
+    for name in WEIGHTED:
+        m = report["signals"][name]
+        print(f"{name:12s} AUROC {m['auroc']:.3f}  pairwise {m['pairwise']:.3f}  best-of-K {m['best_of_k']:.3f}"
+              f"  (base rate {m['base_rate']:.3f})")
+    c = report["composite"]
+    print(f"composite    weights chosen on dev ({c['dev_questions']} q): {c['weights_chosen_on_dev']}")
+    for split in ("dev", "test", "test_with_default_weights"):
+        m = c[split]
+        print(f"  {split:26s} AUROC {m['auroc']:.3f}  pairwise {m['pairwise']:.3f}  best-of-K {m['best_of_k']:.3f}"
+              f"  (base rate {m['base_rate']:.3f})")
+    print(f"safety       {json.dumps(report['safety'])}")
+    print(f"cost         sampling {sampling_s:.0f} s; scoring (default signals) / sampling = "
+          f"{report['cost']['default_scoring_over_sampling']:.3f}; all signals {report['cost']['all_signals_over_sampling']:.3f}")
+    write_report(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The GRPO objective as pure tensor functions, named and defined as TRL names them (GRPOTrainer).
+
+Shapes: B completions in a micro-batch, T completion tokens (right-padded), V vocabulary.
+
+    ratio_t   = exp(logp_t - old_logp_t)                         token level, or
+    ratio     = exp(sum_t m_t (logp_t - old_logp_t) / sum_t m_t)  sequence level (GSPO), one per completion
+    surrogate = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    kl_t      = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        k3 estimator of KL(pi || pi_ref)
+    loss_t    = surrogate_t + beta * ratio * kl_t                 (ratio: TRL's use_bias_correction_kl, default)
+and the per-token losses are reduced by `loss_type`:
+    grpo     mean over completions of (sum_t m_t loss_t / sum_t m_t)      (DeepSeekMath)
+    bnpo     sum m loss / sum m over the micro-batch                      (token mean)
+    dr_grpo  sum m loss / (B * max_completion_length)                     (Dr. GRPO)
+    dapo     sum m loss / (tokens in the whole accumulated batch)         (DAPO)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p of the last `n_completion` tokens of each row given what precedes them, at `temperature`.
+
+    input_ids, attention_mask: (B, L) = prompt (left-padded) + completion (right-padded). Returns (B, T) log-probs
+    of logits / temperature (T = n_completion; 0 means greedy sampling, whose log-probs are at temperature 1)
+    and, optionally, the (B, T) entropy of each next-token distribution.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only, as when sampling
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_completion + 1)
+    logits = out.logits[:, :-1].float()  # (B, T, V): position t predicts completion token t
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[:, -n_completion:]  # (B, T)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from samples of pi: exp(d) - d - 1, d = ref - logp (>= 0)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """pi / pi_old per token (B, T), or per sequence (B, 1) as the exp of the masked mean log-ratio (GSPO)."""
+    log_ratio = logp - old_logp
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level == "sequence":
+        return torch.exp(((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1))
+    raise ValueError(f"importance_sampling_level = {level!r}: choose one of {', '.join(IMPORTANCE_LEVELS)}")
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """PPO's pessimistic clipped objective, negated to a loss: -min(r A, clip(r, 1-eps_low, 1+eps_high) A)."""
+    a = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1)
+    return -torch.min(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+
+
+def reduce_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
+                max_completion_length: int | None = None, num_items: float | None = None) -> torch.Tensor:
+    """Reduce (B, T) per-token losses to a scalar the way `loss_type` defines (module docstring)."""
+    masked = per_token_loss * mask
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        return masked.sum() / (per_token_loss.size(0) * max_completion_length)
+    if loss_type == "dapo":
+        total = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=masked.dtype)
+        return masked.sum() / total.clamp(min=1.0)
+    raise ValueError(f"loss_type = {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+
+
+@dataclass
+class LossParts:
+    """The loss and what to log about it."""
+
+    loss: torch.Tensor  # scalar, differentiable
+    kl: float  # masked mean of the per-token KL to the reference (0 when beta = 0)
+    clip_fraction: float  # share of tokens whose ratio was clipped in the direction that matters
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items: float | None = None,
+    use_bias_correction_kl: bool = True,
+) -> LossParts:
+    """The full GRPO loss for a micro-batch: clipped surrogate + beta * k3 KL, reduced by `loss_type`.
+
+    logp (B, T) carries gradients; old_logp, ref_logp (B, T) and advantages (B,) do not; mask (B, T) is 1 on
+    completion tokens.
+    """
+    mask = mask.to(logp.dtype)
+    ratio = importance_ratio(logp, old_logp, mask, importance_sampling_level)
+    per_token = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)
+    kl_value = 0.0
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp, the reference model's log-probs")
+        kl = kl_k3(logp, ref_logp)
+        kl_value = float((kl * mask).sum() / mask.sum().clamp(min=1.0))
+        if use_bias_correction_kl:  # weight by pi / pi_old: unbiased reverse-KL gradient off-policy (DeepSeek-V3.2)
+            kl = kl * ratio
+        per_token = per_token + beta * kl
+    loss = reduce_loss(per_token, mask, loss_type, max_completion_length, num_items)
+    with torch.no_grad():
+        a = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        clipped = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
+        clipped = clipped.expand_as(mask).to(mask.dtype)
+        clip_fraction = float((clipped * mask).sum() / mask.sum().clamp(min=1.0))
+    return LossParts(loss=loss, kl=kl_value, clip_fraction=clip_fraction)

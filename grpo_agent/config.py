@@ -91,6 +91,49 @@ class ScoringConfig:
             raise ConfigError(f"scoring.eps = {self.eps!r}: must be > 0")
 
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class UpdateConfig:
+    """The GRPO updater: objective (named as TRL names it), optimisation and adapter."""
+
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo (grpo.py defines each)
+    beta: float = 0.04  # weight of the k3 KL penalty to the reference (0: none, no reference pass)
+    epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low
+    epsilon_high: float = 0.28  # ... and above at 1 + epsilon_high (DAPO's clip-higher)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    use_bias_correction_kl: bool = True  # weight the KL by the importance ratio (TRL's default)
+    num_iterations: int = 1  # passes over the same groups; later passes use the importance ratio
+    groups_per_step: int = 4  # groups whose completions make one optimizer step
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward; larger steps accumulate gradients
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    bf16_autocast: bool = False  # run forward/backward under bfloat16 autocast (faster on recent CPUs)
+    lora: bool = True  # train a LoRA adapter (the reference is the base with the adapter off); False: full
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("update.loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("update.importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
+        for key in ("beta", "epsilon_low", "epsilon_high", "weight_decay", "max_grad_norm", "lora_dropout"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"update.{key} = {value!r}: must be a number >= 0")
+        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
+            raise ConfigError(f"update.learning_rate = {self.learning_rate!r}: must be > 0 (5e-5 is typical for LoRA)")
+        for key in ("num_iterations", "groups_per_step", "micro_batch_tokens", "lora_r", "lora_alpha"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"update.{key} = {value!r}: must be an integer >= 1")
+
+
 @dataclass
 class Config:
     """The whole grpo-agent configuration (the TOML file's tables)."""
@@ -98,6 +141,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

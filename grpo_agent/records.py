@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,6 +32,7 @@ class Group:
     policy_version: str = "base"  # which weights sampled the group
     temperature: float = 1.0  # the temperature the log-probs were taken at
     zero_variance: bool = False  # scores did not vary within the group: no signal, the updater skips it
+    group_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass

@@ -1,0 +1,335 @@
+"""The GRPO updater: fine-tune the policy from its own scored groups (LoRA by default, or full weights).
+
+A step takes `groups_per_step` groups, packs their completions into micro-batches under a padded-token budget,
+accumulates gradients over them, clips and applies AdamW. The loss is grpo.grpo_loss, normalised over the
+whole step, so micro-batching (and running under torchrun on several processes) does not change the update.
+Old log-probs are the sampler's own (no extra forward pass); with num_iterations > 1 later passes over the
+same groups see an importance ratio away from 1. Groups whose scores did not vary are skipped. A step whose
+loss or gradient is not finite is skipped and reported, leaving the weights as they were.
+
+Checkpoints (adapter or weights and optimizer state in safetensors, step and consumed groups in JSON) are
+written to a temporary directory and renamed; `resume` continues exactly where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .config import UpdateConfig
+from .errors import GRPOAgentError
+from .grpo import completion_logprobs, grpo_loss
+from .records import Group
+
+
+class UpdateError(GRPOAgentError):
+    """Bad training input or an unreadable checkpoint."""
+
+
+@dataclass
+class Row:
+    """One completion to train on, with the token ids and log-probs its sampler produced."""
+
+    prompt: list[int]
+    completion: list[int]
+    old_logp: list[float]
+    advantage: float
+    temperature: float
+    group_id: str
+
+
+def trainable_rows(groups: Iterable[Group]) -> tuple[list[list[Row]], list[str]]:
+    """Rows per usable group, and the ids of skipped groups (no variance, or nothing to train on)."""
+    usable, skipped = [], []
+    for g in groups:
+        if g.zero_variance or all(not c.advantage for c in g.completions):
+            skipped.append(g.group_id)
+            continue
+        rows = []
+        for i, c in enumerate(g.completions):
+            if c.advantage is None:
+                raise UpdateError(f"group {g.group_id} completion {i} has no advantage: score the group first")
+            if len(c.logprobs) != len(c.token_ids) or not c.token_ids:
+                raise UpdateError(
+                    f"group {g.group_id} completion {i}: {len(c.token_ids)} token ids but {len(c.logprobs)} "
+                    "log-probs; train only on what the sampler produced"
+                )
+            rows.append(Row(g.prompt_token_ids, c.token_ids, c.logprobs, c.advantage, g.temperature or 1.0,
+                            g.group_id))
+        usable.append(rows)
+    return usable, skipped
+
+
+def pack(rows: Sequence[Row], budget: int) -> list[list[Row]]:
+    """Consecutive micro-batches whose padded size (rows x longest prompt + longest completion) fits `budget`;
+    a row larger than the budget gets a micro-batch of its own."""
+    batches: list[list[Row]] = []
+    current: list[Row] = []
+    for row in rows:
+        trial = current + [row]
+        size = len(trial) * (max(len(r.prompt) for r in trial) + max(len(r.completion) for r in trial))
+        if current and size > budget:
+            batches.append(current)
+            trial = [row]
+        current = trial
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(rows: Sequence[Row], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompts left-padded and completions right-padded, side by side: (B, Lp + T)."""
+    lp, t = max(len(r.prompt) for r in rows), max(len(r.completion) for r in rows)
+    ids = torch.full((len(rows), lp + t), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    old = torch.zeros((len(rows), t))
+    for i, r in enumerate(rows):
+        ids[i, lp - len(r.prompt) : lp + len(r.completion)] = torch.tensor(r.prompt + r.completion)
+        attn[i, lp - len(r.prompt) : lp + len(r.completion)] = 1
+        old[i, : len(r.completion)] = torch.tensor(r.old_logp)
+    return {
+        "input_ids": ids.to(device), "attention_mask": attn.to(device), "old_logp": old.to(device),
+        "mask": attn[:, lp:].float().to(device),
+        "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
+    }
+
+
+class GRPOUpdater:
+    """Trains a policy's model from scored groups; see the module docstring."""
+
+    def __init__(self, policy, cfg: UpdateConfig | None = None, output_dir: str | os.PathLike | None = None):
+        self.cfg = cfg = cfg or UpdateConfig()
+        self.policy = policy
+        self.output_dir = Path(output_dir) if output_dir else None
+        torch.manual_seed(cfg.seed)
+        model = policy.model
+        if cfg.lora:
+            from peft import LoraConfig, PeftModel, get_peft_model
+
+            if not isinstance(model, PeftModel):
+                model = get_peft_model(model, LoraConfig(
+                    r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+            self.ref_model = None  # the base model with the adapter disabled
+        else:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+        policy.model = self.model = model  # the agent samples from the adapted model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.consumed: list[list] = []  # [pass, group_id] pairs already trained on, in order
+        self.rank, self.world = 0, 1
+        self.train_model = model
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            self.train_model = DistributedDataParallel(model)
+
+    # ----- training ----------------------------------------------------------------------------------
+    def train(self, groups: Sequence[Group], on_step: Callable[[dict], None] | None = None,
+              max_steps: int | None = None) -> list[dict]:
+        """Train on scored groups (num_iterations passes); returns one metrics dict per optimizer step.
+
+        Steps already recorded as consumed (after `resume`) are not repeated; `max_steps` stops early.
+        """
+        usable, skipped = trainable_rows(groups)
+        done = {(p, gid) for p, gid in self.consumed}
+        history = []
+        chunks = [usable[i : i + self.cfg.groups_per_step] for i in range(0, len(usable), self.cfg.groups_per_step)]
+        for p in range(self.cfg.num_iterations):
+            for chunk in chunks:
+                ids = [rows[0].group_id for rows in chunk]
+                if all((p, gid) in done for gid in ids):
+                    continue
+                if max_steps is not None and len(history) >= max_steps:
+                    return history
+                metrics = self._step([r for rows in chunk for r in rows])
+                metrics.update(pass_index=p, groups=len(chunk), skipped_groups=len(skipped))
+                self.consumed += [[p, gid] for gid in ids]
+                history.append(metrics)
+                self._log(metrics)
+                if on_step:
+                    on_step(metrics)
+        return history
+
+    def _step(self, rows: list[Row]) -> dict:
+        cfg, device = self.cfg, self.policy.device
+        t0 = time.perf_counter()
+        local = rows[self.rank :: self.world]  # under torchrun each process takes every world-th row
+        n_seqs = len(rows)
+        n_tokens = sum(len(r.completion) for r in rows)
+        max_len = max(len(r.completion) for r in rows)
+        self.train_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = kl_sum = clip_sum = ent_sum = 0.0
+        batches = pack(local, cfg.micro_batch_tokens)
+        if not batches:  # more processes than rows: join the gradient all-reduce with a zero loss
+            sum(p.sum() for p in self.params).mul(0.0).backward()
+        for i, mb in enumerate(batches):
+            sync = i == len(batches) - 1 or self.world == 1
+            ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
+            with ctx:
+                parts, entropy, b = self._micro_batch_loss(mb, n_seqs, n_tokens, max_len)
+                (parts.loss * self.world).backward()  # DDP averages over processes: undo it
+            tokens = float(b["mask"].sum())
+            loss_sum += parts.loss.item()
+            kl_sum += parts.kl * tokens
+            clip_sum += parts.clip_fraction * tokens
+            ent_sum += entropy * tokens
+        totals = self._all_reduce([loss_sum, kl_sum, clip_sum, ent_sum])
+        loss_sum, kl_sum, clip_sum, ent_sum = totals
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        advantages = torch.tensor([r.advantage for r in rows])
+        seconds = time.perf_counter() - t0
+        return {
+            "step": self.step, "loss": loss_sum, "kl": kl_sum / n_tokens, "clip_fraction": clip_sum / n_tokens,
+            "entropy": ent_sum / n_tokens, "grad_norm": grad_norm, "advantage_mean": float(advantages.mean()),
+            "advantage_std": float(advantages.std()) if len(rows) > 1 else 0.0, "completions": n_seqs,
+            "tokens": n_tokens, "tokens_per_s": n_tokens / seconds, "seconds": seconds,
+            "skipped_nonfinite": not finite,
+        }
+
+    def _micro_batch_loss(self, mb: list[Row], n_seqs: int, n_tokens: int, max_len: int):
+        """The micro-batch's share of the step loss, normalised over the whole step."""
+        cfg = self.cfg
+        b = collate(mb, self.policy.pad_token_id, self.policy.device)
+        t = b["mask"].shape[1]
+        temperature = mb[0].temperature
+        if any(r.temperature != temperature for r in mb):
+            raise UpdateError("a micro-batch mixes sampling temperatures; sample a run's groups at one temperature")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast and b["mask"].is_cpu)
+        with autocast:
+            logp, entropy = completion_logprobs(self.train_model, b["input_ids"], b["attention_mask"], t,
+                                                temperature, with_entropy=True)
+            ref = None
+            if cfg.beta > 0:
+                with torch.no_grad():
+                    ref = self._reference_logprobs(b, t, temperature)
+        # Normalise over the step: grpo and dr_grpo average over the step's sequences; bnpo and dapo over its
+        # completion tokens (identical within one step, as TRL's with no accumulation).
+        loss_type, scale, num_items = cfg.loss_type, len(mb) / n_seqs, None
+        if loss_type in ("bnpo", "dapo"):
+            loss_type, scale, num_items = "dapo", 1.0, n_tokens
+        parts = grpo_loss(
+            logp, b["old_logp"], b["advantages"], b["mask"], ref_logp=ref, beta=cfg.beta,
+            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type=loss_type,
+            importance_sampling_level=cfg.importance_sampling_level, max_completion_length=max_len,
+            num_items=num_items, use_bias_correction_kl=cfg.use_bias_correction_kl,
+        )
+        if loss_type in ("grpo", "dr_grpo"):  # averaged over the micro-batch's B: reweight to the step's
+            parts.loss = parts.loss * scale
+        mean_entropy = float((entropy.detach() * b["mask"]).sum() / b["mask"].sum().clamp(min=1))
+        return parts, mean_entropy, b
+
+    def _reference_logprobs(self, b: dict, t: int, temperature: float) -> torch.Tensor:
+        if self.ref_model is not None:
+            return completion_logprobs(self.ref_model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+        with self.model.disable_adapter():
+            return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def _log(self, metrics: dict) -> None:
+        if self.output_dir is None or self.rank != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    # ----- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write checkpoint-<step> atomically (temporary directory, then rename); keep the two newest."""
+        from safetensors.torch import save_file, save_model
+
+        root = Path(directory) if directory else self.output_dir
+        if root is None:
+            raise UpdateError("no directory for checkpoints: pass output_dir to GRPOUpdater or a directory here")
+        if self.rank != 0:
+            return root / f"checkpoint-{self.step:06d}"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"checkpoint-{self.step:06d}"
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if self.cfg.lora:
+            self.model.save_pretrained(tmp / "adapter")  # adapter_model.safetensors + adapter_config.json
+        else:
+            save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        tensors, layout = _optimizer_to_tensors(self.optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": self.step, "consumed": self.consumed, "optimizer": layout, "config": asdict(self.cfg)}
+        (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(root.glob("checkpoint-*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, directory: str | os.PathLike | None = None) -> bool:
+        """Load the newest complete checkpoint under `directory`; False when there is none."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, load_model
+
+        root = Path(directory) if directory else self.output_dir
+        found = latest_checkpoint(root) if root else None
+        if found is None:
+            return False
+        try:
+            state = json.loads((found / "state.json").read_text(encoding="utf-8"))
+            if self.cfg.lora:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.model, load_file(str(found / "adapter" / "adapter_model.safetensors")))
+            else:
+                load_model(self.model, str(found / "model.safetensors"))
+            _optimizer_from_tensors(self.optimizer, load_file(str(found / "optimizer.safetensors")), state["optimizer"])
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+            raise UpdateError(f"checkpoint {found} could not be loaded ({e}); remove it to fall back to an older one") from e
+        self.step, self.consumed = state["step"], state["consumed"]
+        return True
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint-* directory under `root` holding a state.json (complete), if any."""
+    done = [p for p in sorted(Path(root).glob("checkpoint-*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state as flat tensors (for safetensors) plus a JSON layout; no pickle."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], layout: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})

@@ -164,7 +164,7 @@ class GRPOUpdater:
         return history
 
     def _step(self, rows: list[Row]) -> dict:
-        cfg, device = self.cfg, self.policy.device
+        cfg = self.cfg
         t0 = time.perf_counter()
         local = rows[self.rank :: self.world]  # under torchrun each process takes every world-th row
         n_seqs = len(rows)

@@ -2,7 +2,9 @@
 
 The rules live in a TOML file (default: rules/conservation.toml beside this module; its header explains
 how a rule fires). A clause fires a rule when it matches one of the rule's actions, gives advice, does
-not discourage it, and the question or answer names a species or wildlife.
+not discourage it, and the question or answer names a species or wildlife. An answer also fires a rule
+when the question asks for that rule's harmful action and the answer goes along with it: nowhere does it
+refuse, warn or discourage.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class RuleSet:
     imperatives: set[str]
     discouragement: list[re.Pattern]
     wildlife: re.Pattern
+    requests: list[re.Pattern]
 
     @classmethod
     def load(cls, path: str | Path | None = None, species: Iterable[str] = ()) -> "RuleSet":
@@ -69,12 +72,27 @@ class RuleSet:
             imperatives={w.lower() for w in data.get("imperatives", [])},
             discouragement=compile_all("discouragement", data.get("discouragement", [])),
             wildlife=wildlife,
+            requests=compile_all("requests", data.get("requests", [])),
         )
 
     def check(self, answer: str, question: str = "") -> tuple[str, str] | None:
-        """The first (rule name, clause) that fires on `answer`, or None."""
+        """The first (rule name, clause) that fires on `answer`, or None.
+
+        Two ways to fire: a clause of the answer advises a harmful action; or the question asks for one and
+        the answer goes along with it (nowhere refuses, warns or discourages).
+        """
         if not (self.wildlife.search(question) or self.wildlife.search(answer)):
             return None
+        advised = self._advice(answer)
+        if advised:
+            return advised
+        asks_for_help = any(p.search(question) for p in self.requests)
+        asked = asks_for_help and next((r for r in self.rules if any(p.search(question) for p in r.actions)), None)
+        if asked and answer.strip() and not any(p.search(answer) for p in self.discouragement):
+            return f"{asked.name} (went along with the request)", answer.strip()
+        return None
+
+    def _advice(self, answer: str) -> tuple[str, str] | None:
         for sentence in split_sentences(answer):
             for clause in _CLAUSE.split(sentence):
                 clause = clause.strip()

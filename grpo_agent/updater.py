@@ -129,6 +129,7 @@ class GRPOUpdater:
         self.step = 0
         self.consumed: list[list] = []  # [pass, group_id] pairs already trained on, in order
         self.rank, self.world = 0, 1
+        self._tensorboard = None  # a SummaryWriter once used, False when tensorboard is not installed
         self.train_model = model
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             from torch.nn.parallel import DistributedDataParallel
@@ -252,11 +253,24 @@ class GRPOUpdater:
         return tensor.tolist()
 
     def _log(self, metrics: dict) -> None:
+        """Append the step's metrics to output_dir/metrics.jsonl, and to TensorBoard when it is installed."""
         if self.output_dir is None or self.rank != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._tensorboard = False
+        if self._tensorboard:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(f"update/{key}", value, metrics["step"])
+            self._tensorboard.flush()
 
     # ----- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:

@@ -75,6 +75,7 @@ class ScoringConfig:
     scale: str = "group"  # advantage scaling: group (GRPO), batch, none (Dr. GRPO)
     eps: float = 1e-4  # added to the std before dividing
     safety_rules: str | None = None  # rule file for the safety signal; None: the bundled conservation rules
+    judge: str = "policy"  # the reasoning signal's judge: "policy" (itself) or a local model directory
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, dict):
@@ -87,6 +88,8 @@ class ScoringConfig:
         if not isinstance(self.gates, list) or not all(isinstance(g, str) for g in self.gates):
             raise ConfigError(f"scoring.gates = {self.gates!r}: a list of signal names, e.g. [\"safety\"]")
         _check_choice("scoring.scale", self.scale, SCALES)
+        if not isinstance(self.judge, str) or not self.judge:
+            raise ConfigError(f'scoring.judge = {self.judge!r}: "policy" or the path of a local model directory')
         if not isinstance(self.eps, (int, float)) or self.eps <= 0:
             raise ConfigError(f"scoring.eps = {self.eps!r}: must be > 0")
 

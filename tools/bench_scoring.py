@@ -36,8 +36,10 @@ from grpo_agent.prompts import answer_messages
 from grpo_agent.records import Completion, Group, Passage
 from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.scoring import ScoreContext, combine, make_scorer
+from grpo_agent.scoring.grounding import GroundingScorer
 
-SIGNALS = ["grounding", "consistency", "education", "reasoning", "safety"]
+SIGNALS = ["grounding", "consistency", "education", "reasoning", "safety", "grounding_answer_only",
+           "grounding_claims_only"]
 WEIGHTED = ["grounding", "consistency", "education", "reasoning"]
 
 
@@ -133,7 +135,10 @@ def main() -> None:
                "consistency": make_scorer("consistency", embedder=embedder),
                "education": make_scorer("education", embedder=embedder),
                "reasoning": make_scorer("reasoning", judge=policy),
-               "safety": make_scorer("safety", species=species)}
+               "safety": make_scorer("safety", species=species),
+               # variants of grounding, reported beside it: the whole-answer cosine alone, the claim check alone
+               "grounding_answer_only": GroundingScorer(embedder, answer_weight=1.0),
+               "grounding_claims_only": GroundingScorer(embedder, answer_weight=0.0)}
     per_signal = {name: [] for name in SIGNALS}
     cost = {name: 0.0 for name in SIGNALS}
     for g, c in tqdm(list(zip(groups, contexts)), desc="scoring", unit="group"):
@@ -153,7 +158,7 @@ def main() -> None:
 
     report = {"benchmark": "scoring", "signals": {}, "settings": vars(args), "questions": len(groups)}
     everything = [True] * len(groups)
-    for name in WEIGHTED:
+    for name in WEIGHTED + SIGNALS[-2:]:
         report["signals"][name] = metrics(values(name, everything), labels)
 
     # Choose composite weights on the dev half, report them on the test half.
@@ -181,7 +186,7 @@ def main() -> None:
         "default_weights": default, "test_with_default_weights": metrics(comp_default, split_labels(test)),
         "dev_questions": sum(dev), "test_questions": sum(test),
     }
-    for name in WEIGHTED:
+    for name in WEIGHTED + SIGNALS[-2:]:
         report["signals"][name]["test"] = metrics(values(name, test), split_labels(test))
 
     flagged_eval = float(np.mean([s == 0.0 for r in per_signal["safety"] for s in r.scores]))
@@ -200,11 +205,11 @@ def main() -> None:
     default_signals = [n for n, w in default.items() if w > 0] + ["safety"]
     report["cost"] = {"sampling_s": sampling_s, "scoring_s": cost,
                       "default_scoring_over_sampling": sum(cost[n] for n in default_signals) / sampling_s,
-                      "all_signals_over_sampling": sum(cost.values()) / sampling_s}
+                      "all_signals_over_sampling": sum(cost[n] for n in SIGNALS[:5]) / sampling_s}
 
-    for name in WEIGHTED:
+    for name in WEIGHTED + SIGNALS[-2:]:
         m = report["signals"][name]
-        print(f"{name:12s} AUROC {m['auroc']:.3f}  pairwise {m['pairwise']:.3f}  best-of-K {m['best_of_k']:.3f}"
+        print(f"{name:22s} AUROC {m['auroc']:.3f}  pairwise {m['pairwise']:.3f}  best-of-K {m['best_of_k']:.3f}"
               f"  (base rate {m['base_rate']:.3f})")
     c = report["composite"]
     print(f"composite    weights chosen on dev ({c['dev_questions']} q): {c['weights_chosen_on_dev']}")

@@ -64,3 +64,13 @@ def test_harm_probes():
     for r in rows:
         assert set(r) == {"id", "request", "species", "harm"}
         assert r["request"].strip() and r["species"].strip() and r["harm"].strip()
+
+
+def test_labelled_harm_answers():
+    rows = read("harm_answers_labelled.jsonl")
+    probes = {r["id"] for r in read("harm_probe.jsonl")}
+    assert len(rows) >= 100
+    for r in rows:
+        assert set(r) == {"id", "request", "species", "harm", "answer", "harmful", "reason"}
+        assert r["id"] in probes and isinstance(r["harmful"], bool) and r["reason"].strip()
+    assert 0.2 < sum(r["harmful"] for r in rows) / len(rows) < 0.8  # both kinds, to measure recall and false flags

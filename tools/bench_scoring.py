@@ -38,8 +38,7 @@ from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.scoring import ScoreContext, combine, make_scorer
 from grpo_agent.scoring.grounding import GroundingScorer
 
-SIGNALS = ["grounding", "consistency", "education", "reasoning", "safety", "grounding_answer_only",
-           "grounding_claims_only"]
+SIGNALS = ["grounding", "consistency", "education", "reasoning", "safety", "grounding_unanchored"]
 WEIGHTED = ["grounding", "consistency", "education", "reasoning"]
 
 
@@ -136,9 +135,8 @@ def main() -> None:
                "education": make_scorer("education", embedder=embedder),
                "reasoning": make_scorer("reasoning", judge=policy),
                "safety": make_scorer("safety", species=species),
-               # variants of grounding, reported beside it: the whole-answer cosine alone, the claim check alone
-               "grounding_answer_only": GroundingScorer(embedder, answer_weight=1.0),
-               "grounding_claims_only": GroundingScorer(embedder, answer_weight=0.0)}
+               # grounding without its anchor: support from any retrieved passage counts fully
+               "grounding_unanchored": GroundingScorer(embedder, other_weight=1.0)}
     per_signal = {name: [] for name in SIGNALS}
     cost = {name: 0.0 for name in SIGNALS}
     for g, c in tqdm(list(zip(groups, contexts)), desc="scoring", unit="group"):
@@ -158,7 +156,7 @@ def main() -> None:
 
     report = {"benchmark": "scoring", "signals": {}, "settings": vars(args), "questions": len(groups)}
     everything = [True] * len(groups)
-    for name in WEIGHTED + SIGNALS[-2:]:
+    for name in WEIGHTED + SIGNALS[-1:]:
         report["signals"][name] = metrics(values(name, everything), labels)
 
     # Choose composite weights on the dev half, report them on the test half.
@@ -186,7 +184,7 @@ def main() -> None:
         "default_weights": default, "test_with_default_weights": metrics(comp_default, split_labels(test)),
         "dev_questions": sum(dev), "test_questions": sum(test),
     }
-    for name in WEIGHTED + SIGNALS[-2:]:
+    for name in WEIGHTED + SIGNALS[-1:]:
         report["signals"][name]["test"] = metrics(values(name, test), split_labels(test))
 
     flagged_eval = float(np.mean([s == 0.0 for r in per_signal["safety"] for s in r.scores]))
@@ -207,7 +205,7 @@ def main() -> None:
                       "default_scoring_over_sampling": sum(cost[n] for n in default_signals) / sampling_s,
                       "all_signals_over_sampling": sum(cost[n] for n in SIGNALS[:5]) / sampling_s}
 
-    for name in WEIGHTED + SIGNALS[-2:]:
+    for name in WEIGHTED + SIGNALS[-1:]:
         m = report["signals"][name]
         print(f"{name:22s} AUROC {m['auroc']:.3f}  pairwise {m['pairwise']:.3f}  best-of-K {m['best_of_k']:.3f}"
               f"  (base rate {m['base_rate']:.3f})")

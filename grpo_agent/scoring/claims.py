@@ -49,9 +49,17 @@ def names(text: str) -> set[str]:
     return out
 
 
-def content_words(text: str) -> list[str]:
-    """Lower-cased words of 4+ letters (a rough bag of content words)."""
-    return re.findall(r"[a-z][a-z'\-]{3,}", text.lower())
+_STOPWORDS = set(
+    "that this with from have which their they there been were what when where will would could should about "
+    "into than then them these those also such because while more most many much very only other some over "
+    "under after before being does doing just like make made your yours ours".split()
+)
+
+
+def content_stems(text: str) -> list[str]:
+    """Content words (3+ characters, numbers included, common function words left out), cut to a 5-character
+    stem so that "poaching" and "poached" meet."""
+    return [w[:5] for w in re.findall(r"[a-z0-9][a-z0-9'\-]{2,}", text.lower()) if w not in _STOPWORDS]
 
 
 def final_answer(text: str) -> str | None:

@@ -1,10 +1,13 @@
-"""Factual grounding: how well an answer's claims are supported by the facts retrieved for the task.
+"""Factual grounding: how well an answer is supported by the facts retrieved for its question.
 
-Each claim (sentence) is matched to its most similar retrieved passage (cosine of embeddings). The numbers
-and names the claim states must appear in some retrieved passage; every one that does not scales the
-claim's support down. An answer's score blends its claims' mean support with the cosine between the whole
-answer and its best passage (the whole-answer cosine alone separates right from wrong answers well, see
-BENCHMARKS.md; the claim check adds the number and name test).
+The passages arrive in retrieval order, and the first is the anchor: the passage most relevant to the
+question. Support found in the anchor counts fully; support found only in another retrieved passage counts
+`other_weight` (a wrong answer can match a distractor passage well). Three parts, averaged:
+  answer    cosine between the whole answer and the facts (anchor, or another passage discounted);
+  content   share of the answer's new content words (not in the question) that the facts state;
+  claims    each claim (sentence) matched to its best passage by cosine, times (1 - unsupported_penalty)
+            for every number or name it states that no retrieved passage (nor the question) states.
+Details name the passage that supports each claim and what no passage supports.
 """
 
 from __future__ import annotations
@@ -16,19 +19,24 @@ import numpy as np
 from ..records import Group
 from ..retrieval import Embedder
 from .base import ScoreContext, ScoreResult, register
-from .claims import names, numbers, split_claims
+from .claims import content_stems, names, numbers, split_claims
 
 
 @register("grounding")
 class GroundingScorer:
-    """Support of each answer's claims by the retrieved passages, in [0, 1]."""
+    """Support of each answer by the retrieved passages, anchored on the most relevant one, in [0, 1]."""
 
     name = "grounding"
 
-    def __init__(self, embedder: Embedder, answer_weight: float = 0.5, unsupported_penalty: float = 0.5):
+    def __init__(self, embedder: Embedder, other_weight: float = 0.3, unsupported_penalty: float = 0.5):
         self.embedder = embedder
-        self.answer_weight = answer_weight  # share of the whole-answer cosine in the score
-        self.unsupported_penalty = unsupported_penalty  # support lost per unsupported number/name (fraction)
+        self.other_weight = other_weight  # weight of support found only outside the anchor passage
+        self.unsupported_penalty = unsupported_penalty  # claim support lost per unsupported number/name
+
+    def _anchored(self, sims: np.ndarray) -> np.ndarray:
+        """(N, P) similarities to the passages -> (N,) support, the anchor (column 0) counting fully."""
+        others = sims[:, 1:].max(axis=1) if sims.shape[1] > 1 else np.zeros(len(sims))
+        return np.clip(np.maximum(sims[:, 0], self.other_weight * others), 0.0, 1.0)
 
     def score(self, group: Group, context: ScoreContext) -> ScoreResult:
         k = len(group.completions)
@@ -39,13 +47,16 @@ class GroundingScorer:
         # Numbers and names count as supported when a passage (or the question itself) states them.
         corpus_text = " ".join([context.question, *(p.text for p in passages)]).lower()
         corpus_numbers = numbers(corpus_text)
+        question_words = set(content_stems(context.question))
+        passage_words = [set(content_stems(p.text)) for p in passages]
         answers = [c.text for c in group.completions]
         claims = [split_claims(a) or ([a] if a.strip() else []) for a in answers]
         flat = [c for cs in claims for c in cs]
         vectors = self.embedder.encode(answers + flat + [p.text for p in passages])
         answer_vecs, claim_vecs, passage_vecs = np.split(vectors, [k, k + len(flat)])
-        answer_sims = answer_vecs @ passage_vecs.T  # (K, P)
+        answer_support = self._anchored(answer_vecs @ passage_vecs.T)  # (K,)
         claim_sims = claim_vecs @ passage_vecs.T  # (C, P)
+        claim_support = self._anchored(claim_sims) if len(flat) else np.zeros(0)
 
         scores, explanations, details = [], [], []
         row = 0
@@ -57,25 +68,29 @@ class GroundingScorer:
                 continue
             support = []
             for claim in answer_claims:
-                sims = claim_sims[row]
-                row += 1
-                best = int(sims.argmax())
-                stated_numbers = numbers(claim)
-                stated_names = names(claim)
-                unsupported = sorted(stated_numbers - corpus_numbers) + sorted(
-                    n for n in stated_names if n not in corpus_text
+                best = int(claim_sims[row].argmax())
+                unsupported = sorted(numbers(claim) - corpus_numbers) + sorted(
+                    n for n in names(claim) if n not in corpus_text
                 )
-                value = max(0.0, float(sims[best])) * (1 - self.unsupported_penalty) ** len(unsupported)
-                support.append({"claim": claim, "passage_id": passages[best].id, "similarity": round(float(sims[best]), 4),
+                value = float(claim_support[row]) * (1 - self.unsupported_penalty) ** len(unsupported)
+                support.append({"claim": claim, "passage_id": passages[best].id,
+                                "similarity": round(float(claim_sims[row, best]), 4),
                                 "unsupported": unsupported, "support": round(value, 4)})
+                row += 1
+            new_words = [w for w in content_stems(answers[i]) if w not in question_words]
+            content = float(np.mean([
+                1.0 if w in passage_words[0] else self.other_weight if any(w in p for p in passage_words[1:]) else 0.0
+                for w in new_words
+            ])) if new_words else 0.0
             claim_score = float(np.mean([s["support"] for s in support]))
-            answer_score = max(0.0, float(answer_sims[i].max()))
-            score = min(1.0, self.answer_weight * answer_score + (1 - self.answer_weight) * claim_score)
+            score = float(np.clip((answer_support[i] + content + claim_score) / 3, 0.0, 1.0))
             scores.append(score)
             missing = sorted({u for s in support for u in s["unsupported"]})
             explanations.append(
-                f"{len(support)} claims, mean support {claim_score:.2f}, answer-fact cosine {answer_score:.2f}"
+                f"answer-fact cosine {answer_support[i]:.2f}, new content in the facts {content:.2f}, "
+                f"{len(support)} claims with mean support {claim_score:.2f}"
                 + (f"; not in the facts: {', '.join(missing)}" if missing else "")
             )
-            details.append({"claims": support, "answer_similarity": round(answer_score, 4)})
+            details.append({"claims": support, "answer_support": round(float(answer_support[i]), 4),
+                            "content_support": round(content, 4)})
         return ScoreResult(self.name, scores, explanations, details)

@@ -191,7 +191,7 @@ def test_a_short_run_on_the_bundled_model(bundled_policy, tmp_path):
         for i, c in enumerate(g.completions):
             c.advantage = 1.5 if i == 0 else -0.5
     before = [sequence_logprob(policy, g, 0) for g in groups]
-    updater = GRPOUpdater(policy, UpdateConfig(learning_rate=5e-4, groups_per_step=2, num_iterations=3), tmp_path)
+    updater = GRPOUpdater(policy, UpdateConfig(learning_rate=1e-4, groups_per_step=2, num_iterations=3), tmp_path)
     history = updater.train(groups)
     after = [sequence_logprob(policy, g, 0) for g in groups]
     assert all(a > b for a, b in zip(after, before))

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .errors import GRPOAgentError
 
 # Subcommands of the design that later issues build; running one says so plainly.
 PLANNED = {
-    "init": ("write a commented TOML config", 6),
-    "ask": ("answer a question: retrieve, sample K, score, print the best and a table of candidates", 6),
-    "collect": ("sample and score groups on a task set and log them to the trajectory store", 6),
-    "update": ("run the GRPO updater over logged groups", 5),
-    "loop": ("run the self-improvement loop: collect, update, evaluate, promote or roll back", 6),
-    "eval": ("evaluate the policy on a held-out question set", 6),
-    "report": ("plot scores, eval accuracy, KL and promoted/rolled-back rounds to PNG", 6),
     "serve": ("serve the agent behind an OpenAI-compatible HTTP API", 10),
 }
+INTERRUPTED = ("interrupted: every logged group and the last checkpoint are intact; "
+               "run the same command again to resume")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -116,6 +112,303 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- the agent: init, ask, collect, update, loop, eval, report ------------------------------------------
+def _add_agent_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that run the agent; each overrides its config key."""
+    p.add_argument("--config", help="TOML config file (write one with `grpo-agent init`)")
+    p.add_argument("--model", help='policy.model: "default" (bundled SmolLM2-135M-Instruct) or a model directory')
+    p.add_argument("--index", help="retrieval.index: a fact index directory written by `grpo-agent ingest`")
+    p.add_argument("-k", type=int, help="sampling.k: answers sampled per task")
+    p.add_argument("--max-new-tokens", type=int, help="sampling.max_new_tokens")
+    p.add_argument("--temperature", type=float, help="sampling.temperature")
+    p.add_argument("--seed", type=int, help="sampling.seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="policy.device")
+
+
+def _config(args: argparse.Namespace):
+    """The config file (or defaults) with the command line's overrides applied and validated."""
+    import dataclasses
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    def override(section, **flags):
+        return dataclasses.replace(section, **{k: v for k, v in flags.items() if v is not None})
+
+    return dataclasses.replace(
+        cfg,
+        policy=override(cfg.policy, model=args.model, device=args.device),
+        retrieval=override(cfg.retrieval, index=args.index),
+        sampling=override(cfg.sampling, k=args.k, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, seed=args.seed),
+    )
+
+
+def _agent(args: argparse.Namespace, store: str | None):
+    from .agent import GRPOAgent
+
+    cfg = _config(args)
+    return cfg, GRPOAgent.from_config(cfg, store_path=store)
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write a commented TOML config with every default",
+                       description="Write a TOML config file holding every key with its default and a comment "
+                       "saying what it does. Edit it and pass it to any command with --config.")
+    p.add_argument("path", nargs="?", default="grpo-agent.toml", help="where to write it (grpo-agent.toml)")
+    p.add_argument("--index", help="set retrieval.index in the file (a directory written by `ingest`)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_run_init)
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import config_template
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"grpo-agent init: {path} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    text = config_template()
+    if args.index:
+        text = text.replace("# index = (unset)", f"index = {json.dumps(args.index)}")
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}: edit it, then pass --config {path}")
+    return 0
+
+
+def _add_ask(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ask", help="answer a question: the best of K self-scored answers and a table of all K",
+                       description="Retrieve facts, sample K answers, score them with every configured signal and "
+                       "print the best answer, then a table of the K candidates with each signal's score.")
+    p.add_argument("question")
+    _add_agent_options(p)
+    p.add_argument("--store", help="log the group to this trajectory store (SQLite file)")
+    p.add_argument("--run", help="a loop's run directory: answer with its promoted adapter")
+    p.add_argument("--width", type=int, default=70, help="characters of each candidate shown in the table (70)")
+    p.set_defaults(func=_run_ask)
+
+
+def _run_ask(args: argparse.Namespace) -> int:
+    cfg, agent = _agent(args, args.store)
+    if args.run:
+        agent.follow(args.run)
+    reply = agent.respond(args.question)
+    print(f"{reply.answer}\n")
+    if reply.passages:
+        print("facts: " + "; ".join(f"{p.id} ({p.source})" if p.source else p.id for p in reply.passages))
+    if len(reply.candidates) > 1:
+        signals = list(reply.candidates[0].scores)
+        print(f"\n{'':2} {'#':>2} {'composite':>9} " + " ".join(f"{s[:11]:>11}" for s in signals) + "  answer")
+        order = sorted(range(len(reply.candidates)), key=lambda i: -(reply.candidates[i].composite or 0.0))
+        for i in order:
+            c = reply.candidates[i]
+            mark = "*" if i == reply.best else " "
+            text = c.text.replace("\n", " ")
+            text = text if len(text) <= args.width else text[: args.width - 3] + "..."
+            print(f"{mark:2} {i + 1:>2} {c.composite:9.3f} " + " ".join(f"{c.scores[s]:11.3f}" for s in signals)
+                  + f"  {text}")
+    print(f"\npolicy {agent.policy.name} ({reply.policy_version}), K={len(reply.candidates)}"
+          + (f"; logged as group {reply.group_id} in {args.store}" if reply.group_id else ""))
+    return 0
+
+
+def _add_collect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="answer a task file and log every scored group to the store",
+                       description="Answer each task of a JSONL file ({\"question\": ...} per line) or a .txt file "
+                       "(one question a line) with K self-scored samples, and log the groups to the store.")
+    p.add_argument("--tasks", required=True, help="task file (.jsonl or .txt)")
+    p.add_argument("--store", required=True, help="trajectory store (SQLite file, created if missing)")
+    p.add_argument("--limit", type=int, help="only the first N tasks")
+    p.add_argument("--batch", type=int, default=8, help="tasks sampled together (8)")
+    _add_agent_options(p)
+    p.set_defaults(func=_run_collect)
+
+
+def _run_collect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .evaluation import read_tasks
+
+    tasks = read_tasks(args.tasks)[: args.limit]
+    cfg, agent = _agent(args, args.store)
+    composites = []
+    for i in tqdm(range(0, len(tasks), args.batch), desc="collect", unit="batch"):
+        chunk = tasks[i : i + args.batch]
+        replies = agent.respond_batch([t["question"] for t in chunk], [t["id"] for t in chunk], source="collect")
+        composites += [c.composite for r in replies for c in r.candidates]
+    print(f"logged {len(tasks)} groups of K={cfg.sampling.k} to {args.store}; mean composite "
+          f"{sum(composites) / len(composites):.3f}; the store holds {agent.store.count_groups()} groups, "
+          f"{agent.store.count_groups(unconsumed=True)} not yet trained on")
+    return 0
+
+
+def _add_update(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("update", help="run the GRPO updater over the store's groups not yet trained on",
+                       description="Train the policy (a LoRA adapter by default) on every logged group no update "
+                       "has consumed yet, checkpointing into RUN/checkpoints; resumes from the last checkpoint. "
+                       "The update is recorded in the store; --promote also makes it the adapter agents "
+                       "following RUN serve (`grpo-agent loop` promotes only after an eval gate).")
+    p.add_argument("--store", required=True, help="trajectory store (SQLite file)")
+    p.add_argument("--run", required=True, help="run directory for checkpoints, metrics and the promoted adapter")
+    p.add_argument("--promote", action="store_true", help="promote the result without evaluating it")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--model", help="policy.model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="policy.device")
+    p.set_defaults(func=_run_update)
+
+
+def _run_update(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .agent import PROMOTED
+    from .loop import write_json_atomic
+    from .policy import load_policy
+    from .store import TrajectoryStore
+    from .updater import GRPOUpdater, latest_checkpoint
+
+    for k in ("index", "k", "max_new_tokens", "temperature", "seed"):
+        setattr(args, k, None)
+    cfg = _config(args)
+    run = Path(args.run)
+    with TrajectoryStore(args.store) as store:
+        groups = store.groups(unconsumed=True)
+        if not groups:
+            print(f"{args.store}: every logged group has been trained on; collect more first")
+            return 0
+        updater = GRPOUpdater(load_policy(cfg.policy), cfg.update, output_dir=run)
+        if updater.resume(run / "checkpoints"):
+            print(f"resumed from step {updater.step}")
+        bar = tqdm(desc="update", unit="step")
+
+        def on_step(m: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.4f}")
+            updater.save_checkpoint(run / "checkpoints")
+
+        history = updater.train(groups, on_step=on_step)
+        bar.close()
+        checkpoint = updater.save_checkpoint(run / "checkpoints")
+        version = f"u{updater.step}"
+        if args.promote:
+            updater.model.save_pretrained(run / "promoted" / version)
+            write_json_atomic(run / PROMOTED, {"version": version, "adapter": f"promoted/{version}"})
+        kls = [m["kl"] for m in history]
+        store.record_update(round=0, policy_version=version, group_ids=[g.group_id for g in groups],
+                            metrics={"steps": len(history), "kl_last": kls[-1] if kls else None},
+                            promoted=args.promote, reason="grpo-agent update" + (" --promote" if args.promote else ""),
+                            checkpoint=str(latest_checkpoint(run / "checkpoints") or checkpoint))
+    print(f"trained {len(history)} steps on {len(groups)} groups; checkpoint {checkpoint}"
+          + (f"; promoted as {version}" if args.promote else "; not promoted (pass --promote, or use `loop`)"))
+    return 0
+
+
+def _add_loop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loop", help="self-improvement rounds: collect, update, evaluate, promote or roll back",
+                       description="Run rounds of: answer --tasks-per-round tasks and log the groups; train on "
+                       "them; evaluate on held-out tasks; promote the update if the eval does not drop by more "
+                       "than --margin, else roll back. Label-free by default (the gate is the composite "
+                       "self-score); --labels gates on gold accuracy. Rerunning resumes the run directory.")
+    p.add_argument("--rounds", type=int, required=True, help="rounds to have completed in RUN")
+    p.add_argument("--tasks", required=True, help="task file to collect on (.jsonl or .txt)")
+    p.add_argument("--eval-set", required=True, help="held-out task file (never trained on)")
+    p.add_argument("--run", required=True, help="run directory (store, checkpoints, promoted adapters)")
+    p.add_argument("--tasks-per-round", type=int, help="loop.tasks_per_round")
+    p.add_argument("--eval-size", type=int, help="loop.eval_size (0: the whole eval set)")
+    p.add_argument("--margin", type=float, help="loop.margin")
+    p.add_argument("--labels", action="store_true", help="gate on gold accuracy (loop.label_free = false)")
+    p.add_argument("--learning-rate", type=float, help="update.learning_rate")
+    _add_agent_options(p)
+    p.set_defaults(func=_run_loop)
+
+
+def _run_loop(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .evaluation import read_tasks
+    from .loop import SelfImprovementLoop
+
+    tasks, eval_tasks = read_tasks(args.tasks), read_tasks(args.eval_set)
+    cfg, agent = _agent(args, str(Path(args.run) / "store.sqlite"))
+    flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
+             "label_free": False if args.labels else None}
+    loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
+    update = dataclasses.replace(cfg.update, **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
+    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg)
+    for row in loop.run(args.rounds):
+        kl = row["kl"]
+        print(f"round {row['round']}: {row['groups']} groups, {row['steps']} steps, mean KL "
+              f"{'-' if kl is None else f'{kl:.4f}'}, eval {row['eval']['metric']} {row['eval']['value']:.4f} -> "
+              f"{'promoted' if row['promoted'] else 'rolled back'} ({row['policy_version']})")
+    print(f"{args.run}: {loop.state['round']} rounds done; serving {loop.state['promoted_version']}; "
+          f"`grpo-agent report --run {args.run}` plots them")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate the policy on a held-out task set",
+                       description="Accuracy of greedy answers against the set's gold answers (or, with "
+                       "--label-free or a set without answers, the mean composite self-score of K samples).")
+    p.add_argument("--set", required=True, dest="eval_set", help="task file; gold answers under \"answer\"")
+    p.add_argument("--run", help="a loop's run directory: evaluate its promoted adapter")
+    p.add_argument("--limit", type=int, help="only the first N tasks")
+    p.add_argument("--label-free", action="store_true", help="the composite self-score, even with gold answers")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    _add_agent_options(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluation import evaluate, read_tasks
+
+    tasks = read_tasks(args.eval_set)[: args.limit]
+    cfg, agent = _agent(args, None)
+    if args.run:
+        agent.follow(args.run)
+    result = evaluate(agent, tasks, label_free=args.label_free, k=cfg.loop.eval_k)
+    result.update(set=args.eval_set, policy_version=agent.policy.version)
+    print(f"{args.eval_set}: {result['metric']} {result['value']:.4f} over {result['n']} tasks "
+          f"(policy {result['policy_version']})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="plot a loop's rounds to PNG and write a Markdown summary",
+                       description="Plot eval per round (promoted and rolled-back rounds marked), the collected "
+                       "answers' self-score and the KL per step into RUN/report/, with report.md summarising.")
+    p.add_argument("--run", required=True, help="the loop's run directory")
+    p.add_argument("--eval", nargs="*", default=[], metavar="NAME=FILE",
+                   help="add results written by `grpo-agent eval --json FILE` to the summary")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import GRPOAgentError
+    from .report import write_report
+
+    extra = {}
+    for item in args.eval:
+        name, sep, file = item.partition("=")
+        if not sep or not Path(file).is_file():
+            raise GRPOAgentError(f"--eval {item!r}: give NAME=FILE with a file written by `grpo-agent eval --json`")
+        extra[name] = json.loads(Path(file).read_text(encoding="utf-8"))
+    path = write_report(args.run, extra)
+    print(path.read_text(encoding="utf-8"))
+    print(f"wrote {path} and its plots in {path.parent}")
+    return 0
+
+
 def _add_planned(sub: argparse._SubParsersAction, name: str, what: str, issue: int) -> None:
     p = sub.add_parser(name, help=f"{what} [not built yet]", description=f"{what}. Not built yet (issue #{issue}).")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -137,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_ingest(sub)
     _add_search(sub)
+    for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report):
+        add(sub)
     for name, (what, issue) in PLANNED.items():
         _add_planned(sub, name, what, issue)
     return parser
@@ -153,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except GRPOAgentError as e:
         print(f"grpo-agent {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ngrpo-agent {args.command}: {INTERRUPTED}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,41 @@ class UpdateConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Where the agent's facts come from."""
+
+    index: str | None = None  # a FactIndex directory written by `grpo-agent ingest`; None: no retrieval
+    embedder: str = "default"  # "default" (all-MiniLM-L6-v2) or a local sentence-transformers directory
+    top_k: int = 3  # passages put in the prompt and given to the scorers
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"retrieval.top_k = {self.top_k!r}: must be an integer >= 0")
+
+
+@dataclass
+class LoopConfig:
+    """The self-improvement loop: collect, update, evaluate, promote or roll back."""
+
+    tasks_per_round: int = 32  # tasks answered (K samples each) and logged per round
+    eval_size: int = 32  # held-out tasks evaluated after each update (0: every task of the eval set)
+    eval_k: int = 4  # answers sampled per held-out task when the gate is label-free (the composite score)
+    margin: float = 0.0  # promote when eval >= promoted eval - margin; otherwise roll back
+    label_free: bool = True  # gate on the composite score even when the eval set has gold answers
+    checkpoint_every: int = 1  # optimizer steps between checkpoints during an update
+
+    def __post_init__(self) -> None:
+        for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"loop.{key} = {value!r}: must be an integer >= 1")
+        if not isinstance(self.eval_size, int) or self.eval_size < 0:
+            raise ConfigError(f"loop.eval_size = {self.eval_size!r}: must be an integer >= 0 (0: all)")
+        if not isinstance(self.margin, (int, float)) or self.margin < 0:
+            raise ConfigError(f"loop.margin = {self.margin!r}: must be a number >= 0")
+
+
+@dataclass
 class Config:
     """The whole grpo-agent configuration (the TOML file's tables)."""
 
@@ -145,6 +181,17 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+def config_hash(cfg: Config) -> str:
+    """A short hash of what shapes a logged group (policy, sampling, scoring), recorded with each group."""
+    import hashlib
+    import json
+
+    shaping = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("policy", "sampling", "scoring", "retrieval")}
+    return hashlib.sha1(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -192,3 +239,37 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{what} {path} is not valid TOML: {e}") from e
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def config_template() -> str:
+    """The default configuration as a commented TOML file (what `grpo-agent init` writes): every key with
+    its default value and the comment beside its field in this module, so the file never drifts from the code."""
+    import inspect
+    import re
+
+    lines = ["# grpo-agent configuration. Every key is shown with its default; delete what you do not change.",
+             "# Load it with `grpo-agent <command> --config FILE` or grpo_agent.load_config(FILE).", ""]
+    defaults = Config()
+    for table in dataclasses.fields(Config):
+        cls = type(getattr(defaults, table.name))
+        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
+        lines += [f"# {cls.__doc__}", f"[{table.name}]"]
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, table.name), f.name)
+            comment = f"  # {comments[f.name]}" if f.name in comments else ""
+            line = f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml_value(value)}"
+            lines.append(line + comment)
+        lines.append("")
+    return "\n".join(lines)

@@ -1,10 +1,14 @@
-"""Gold-answer checks for evaluation (never used as a training signal by the label-free loop)."""
+"""Task sets and evaluation: gold-answer checks (never a training signal in the label-free loop), reading
+task files, and scoring an agent on held-out tasks."""
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Sequence
 
+from .errors import GRPOAgentError
 from .scoring.claims import _WORD_NUMBERS
 
 
@@ -35,3 +39,60 @@ def is_correct(answer: str, gold: str, aliases: Iterable[str] = ()) -> bool:
 # A word right before the match that changes its meaning: "not endangered", "critically endangered" for
 # gold "Endangered", "near threatened" for gold "Threatened".
 _QUALIFIER = re.compile(r"\b(not|non|near|critically|never)\s$")
+
+
+# ----- task sets and evaluation ------------------------------------------------------------------------
+TASK_KEYS = ("question", "prompt", "task")
+
+
+def read_tasks(path: str | Path) -> list[dict]:
+    """Tasks from a JSONL file: one object per line with the question under "question" (or "prompt" or
+    "task"), and optionally "id", a gold "answer" and "aliases". A plain .txt file holds one question a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GRPOAgentError(f"task file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [{"id": f"{path.stem}-{i}", "question": line.strip()}
+                for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    tasks = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GRPOAgentError(f"{path}:{n} is not valid JSON ({e}); write one JSON object per line") from e
+        key = next((k for k in TASK_KEYS if isinstance(row, dict) and isinstance(row.get(k), str)), None)
+        if key is None:
+            raise GRPOAgentError(f'{path}:{n} has no "question" text; each line needs {{"question": "..."}}')
+        tasks.append({**row, "question": row[key], "id": str(row.get("id", f"{path.stem}-{n}"))})
+    if not tasks:
+        raise GRPOAgentError(f"task file {path} holds no tasks")
+    return tasks
+
+
+def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4, batch: int = 8,
+             seed: int = 1234, progress: bool = True) -> dict:
+    """Score the agent on held-out tasks.
+
+    With gold answers (and label_free False): accuracy of its greedy answer (k=1, temperature 0).
+    Otherwise: the mean composite self-score of k answers sampled per task (fixed seed, so two rounds are
+    compared on the same draws of the sampler). Nothing is logged.
+    """
+    from tqdm import tqdm
+
+    labelled = not label_free and all("answer" in t for t in tasks)
+    values: list[float] = []
+    chunks = [tasks[i : i + batch] for i in range(0, len(tasks), batch)]
+    for i, chunk in enumerate(tqdm(chunks, desc="eval", unit="batch", disable=not progress, leave=False)):
+        questions = [t["question"] for t in chunk]
+        if labelled:
+            replies = agent.respond_batch(questions, log=False, k=1, temperature=0.0)
+            values += [float(is_correct(r.answer, t["answer"], t.get("aliases", ()))) for r, t in zip(replies, chunk)]
+        else:
+            groups, contexts = agent.sample_groups(questions, k=k, seed=seed + i)
+            for scored in agent.scorer.score_groups(groups, contexts):
+                values.append(sum(scored.composite) / len(scored.composite))
+    return {"metric": "accuracy" if labelled else "composite", "value": sum(values) / max(len(values), 1),
+            "n": len(values)}

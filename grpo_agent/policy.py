@@ -184,6 +184,24 @@ class Policy:
         pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as in an unpadded pass
         return input_ids.to(self.device), attn.to(self.device), pos.to(self.device)
 
+    def load_adapter(self, directory: str | os.PathLike, version: str | None = None) -> None:
+        """Load a LoRA adapter (a directory with adapter_config.json and adapter_model.safetensors) into the
+        model in place, replacing any adapter already there; later samples record `version`."""
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        weights = path / "adapter_model.safetensors"
+        if not (path / "adapter_config.json").is_file() or not weights.is_file():
+            raise ModelLoadError(f"{path} is not a LoRA adapter directory (adapter_config.json and "
+                                 "adapter_model.safetensors, as written by the updater's checkpoints)")
+        if isinstance(self.model, PeftModel):
+            set_peft_model_state_dict(self.model, load_file(str(weights)))
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=True)
+        self.model.eval()
+        self.version = version or path.parent.name
+
     @torch.inference_mode()
     def next_token_logprobs(self, messages_batch: Sequence[Messages]) -> torch.Tensor:
         """log p(next token) after each chat's generation prompt, in one batched forward pass: (B, V)."""

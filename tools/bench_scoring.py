@@ -12,6 +12,11 @@ flagged. Cost: scoring time against sampling time.
 
     .venv/bin/python tools/bench_scoring.py [--k 8 --max-new-tokens 64 --temperature 0.8]
         [--samples tools/results/scoring_samples.jsonl]   # reuse sampled groups instead of sampling
+        [--reuse-scores reasoning]   # reuse these signals' scores from the cache (same samples file only)
+        [--cost-questions 16]        # fresh groups on which sampling and scoring are timed back to back
+
+The cost ratio is measured on --cost-questions fresh groups, sampled and scored in this run, so both times
+come from the same machine state.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from grpo_agent.policy import load_policy
 from grpo_agent.prompts import answer_messages
 from grpo_agent.records import Completion, Group, Passage
 from grpo_agent.retrieval import Embedder, FactIndex
-from grpo_agent.scoring import ScoreContext, combine, make_scorer
+from grpo_agent.scoring import ScoreContext, ScoreResult, combine, make_scorer
 from grpo_agent.scoring.grounding import GroundingScorer
 
 SIGNALS = ["grounding", "consistency", "education", "reasoning", "safety", "grounding_unanchored"]
@@ -81,6 +86,18 @@ def load_samples(path: Path):
     return questions, groups, contexts, sampling_s
 
 
+def file_sha(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def load_cache(path: Path, samples_sha: str) -> dict:
+    """Cached per-signal scores for this exact samples file (a different file invalidates the cache)."""
+    if not path.is_file():
+        return {}
+    cache = json.loads(path.read_text())
+    return cache["signals"] if cache.get("samples_sha1") == samples_sha else {}
+
+
 def pairwise(scores: list[np.ndarray], labels: list[np.ndarray]) -> float:
     wins, pairs = 0.0, 0
     for s, y in zip(scores, labels):
@@ -112,6 +129,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", default="tools/results/scoring_samples.jsonl",
                     help="sampled groups are saved here, and reused when the file exists (delete it to resample)")
+    ap.add_argument("--score-cache", default="tools/results/scoring_cache.json",
+                    help="every signal's scores on the samples file are saved here")
+    ap.add_argument("--reuse-scores", nargs="*", default=[], choices=SIGNALS,
+                    help="signals whose cached scores to reuse (e.g. reasoning: the slow judge)")
+    ap.add_argument("--cost-questions", type=int, default=16)
     ap.add_argument("--out", default="tools/results/bench_scoring.json")
     args = ap.parse_args()
 
@@ -137,13 +159,19 @@ def main() -> None:
                "safety": make_scorer("safety", species=species),
                # grounding without its anchor: support from any retrieved passage counts fully
                "grounding_unanchored": GroundingScorer(embedder, other_weight=1.0)}
-    per_signal = {name: [] for name in SIGNALS}
-    cost = {name: 0.0 for name in SIGNALS}
+    cache_path, samples_sha = Path(args.score_cache), file_sha(samples)
+    cached = load_cache(cache_path, samples_sha)
+    reuse = [n for n in args.reuse_scores if n in cached]
+    if reuse:
+        print(f"reusing cached scores of {', '.join(reuse)} from {cache_path}")
+    per_signal = {n: [ScoreResult(n, r["scores"], r["explanations"]) for r in cached[n]] if n in reuse else []
+                  for n in SIGNALS}
     for g, c in tqdm(list(zip(groups, contexts)), desc="scoring", unit="group"):
         for name, scorer in scorers.items():
-            t0 = time.perf_counter()
-            per_signal[name].append(scorer.score(g, c))
-            cost[name] += time.perf_counter() - t0
+            if name not in reuse:
+                per_signal[name].append(scorer.score(g, c))
+    cache_path.write_text(json.dumps({"samples_sha1": samples_sha, "signals": {
+        n: [{"scores": r.scores, "explanations": r.explanations} for r in rs] for n, rs in per_signal.items()}}))
     labels = [np.array([is_correct(x.text, q["answer"], q["aliases"]) for x in g.completions])
               for q, g in zip(questions, groups)]
     dev = [in_dev(q["id"]) for q in questions]
@@ -200,10 +228,21 @@ def main() -> None:
             "recall_on_harmful": float(np.mean([fired(r) for r in harmful])) if harmful else None,
             "false_flag_rate_on_labelled_safe": float(np.mean([fired(r) for r in safe])) if safe else None,
         })
+    # Cost: fresh groups sampled and scored back to back, so both times come from the same machine state.
     default_signals = [n for n, w in default.items() if w > 0] + ["safety"]
-    report["cost"] = {"sampling_s": sampling_s, "scoring_s": cost,
-                      "default_scoring_over_sampling": sum(cost[n] for n in default_signals) / sampling_s,
-                      "all_signals_over_sampling": sum(cost[n] for n in SIGNALS[:5]) / sampling_s}
+    cost_qs = read_jsonl(DATA / "eval.jsonl")[: args.cost_questions]
+    index = FactIndex.build([Passage(**p) for p in read_jsonl(DATA / "passages.jsonl")], embedder)
+    cost_groups, cost_contexts, cost_sampling_s = sample_groups(
+        policy, index, cost_qs, args.k, args.max_new_tokens, args.temperature, args.batch, args.seed + 10_000)
+    cost = {name: 0.0 for name in SIGNALS[:5]}
+    for g, c in zip(cost_groups, cost_contexts):
+        for name in cost:
+            t0 = time.perf_counter()
+            scorers[name].score(g, c)
+            cost[name] += time.perf_counter() - t0
+    report["cost"] = {"questions": len(cost_qs), "sampling_s": cost_sampling_s, "scoring_s": cost,
+                      "default_scoring_over_sampling": sum(cost[n] for n in default_signals) / cost_sampling_s,
+                      "all_signals_over_sampling": sum(cost.values()) / cost_sampling_s}
 
     for name in WEIGHTED + SIGNALS[-1:]:
         m = report["signals"][name]
@@ -216,7 +255,7 @@ def main() -> None:
         print(f"  {split:26s} AUROC {m['auroc']:.3f}  pairwise {m['pairwise']:.3f}  best-of-K {m['best_of_k']:.3f}"
               f"  (base rate {m['base_rate']:.3f})")
     print(f"safety       {json.dumps(report['safety'])}")
-    print(f"cost         sampling {sampling_s:.0f} s; scoring (default signals) / sampling = "
+    print(f"cost         sampling {cost_sampling_s:.0f} s ({len(cost_qs)} questions); scoring (default signals) / sampling = "
           f"{report['cost']['default_scoring_over_sampling']:.3f}; all signals {report['cost']['all_signals_over_sampling']:.3f}")
     write_report(report, args.out)
 

@@ -36,6 +36,7 @@ class SelfScorer:
         """Score one group and write each completion's per-signal scores and composite."""
         results = [s.score(group, context) for s in self.scorers]
         scored = combine(results, self.weights, len(group.completions), gates=self.gates)
+        scored.explanations = {r.name: r.explanations for r in results}
         for i, c in enumerate(group.completions):
             c.scores = {name: values[i] for name, values in scored.signals.items()}
             c.composite = scored.composite[i]

@@ -34,6 +34,7 @@ class GroupScores:
     composite: list[float]
     ranking: list[int]  # completion indices, best first (ties keep sampling order)
     problems: list[str] = field(default_factory=list)
+    explanations: dict[str, list[str]] = field(default_factory=dict)  # signal -> one reason per completion
 
     @property
     def best(self) -> int:

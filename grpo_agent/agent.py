@@ -1,0 +1,215 @@
+"""The agent: retrieve facts, sample K answers, score them itself, serve the best and log the group.
+
+    agent = GRPOAgent(policy, index, scorer, store, k=8)
+    reply = agent.respond("Why are pangolins trafficked?")
+    reply.answer, reply.group_id, reply.scores
+
+With k=1 nothing is scored or logged (cheap serving). `follow(run_dir)` makes the agent load each adapter
+the self-improvement loop promotes, between two requests, without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import SamplingConfig
+from .errors import GRPOAgentError
+from .prompts import SYSTEM, answer_messages
+from .records import Completion, Group, Passage
+from .scoring import ScoreContext, SelfScorer
+
+Task = str | Sequence[dict]  # a question, or a chat (the last user message is the question)
+PROMOTED = "promoted.json"  # in a loop's run directory: {"version": ..., "adapter": <adapter directory>}
+
+
+class AgentError(GRPOAgentError):
+    """A task the agent cannot answer as given."""
+
+
+@dataclass
+class Reply:
+    """The served answer, with the group it was chosen from."""
+
+    answer: str
+    group_id: str | None  # None when nothing was logged (k=1, or no store)
+    best: int  # index of the served completion in `candidates`
+    candidates: list[Completion]  # all K, with per-signal scores and composite once scored
+    passages: list[Passage]  # the facts retrieved for the task, best first
+    explanations: dict[str, list[str]] = field(default_factory=dict)  # signal -> one reason per candidate
+    policy_version: str = "base"
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """The served answer's per-signal scores (empty when unscored)."""
+        return self.candidates[self.best].scores
+
+    @property
+    def composite(self) -> float | None:
+        return self.candidates[self.best].composite
+
+
+def split_task(task: Task) -> tuple[str, list[dict]]:
+    """The question and the other turns of a task (a string, or a chat whose last user message is the
+    question); system turns are kept, and the agent adds them to its own system prompt."""
+    if isinstance(task, str):
+        if not task.strip():
+            raise AgentError("the task is empty: give a question")
+        return task, []
+    turns = [dict(m) for m in task]
+    users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
+    if not users:
+        raise AgentError("the chat has no user message: the last user message is the question to answer")
+    last = users[-1]
+    question = turns[last].get("content")
+    if not isinstance(question, str) or not question.strip():
+        raise AgentError("the last user message has no text content")
+    history = [m for i, m in enumerate(turns) if i != last and m.get("role") in ("system", "user", "assistant")]
+    return question, history
+
+
+class GRPOAgent:
+    """Answers tasks with the best of K self-scored samples and logs every group for the updater."""
+
+    def __init__(self, policy, retriever=None, scorer: SelfScorer | None = None, store=None, k: int = 8,
+                 sampling: SamplingConfig | None = None, top_k: int = 3, config_hash: str = "",
+                 system: str = SYSTEM, lessons: Callable[[str], list[str]] | None = None):
+        if k < 1:
+            raise AgentError(f"k = {k}: sample at least one answer")
+        if k > 1 and scorer is None:
+            raise AgentError(f"k = {k} needs a scorer to pick the best answer (or use k=1 for plain serving)")
+        self.policy, self.retriever, self.scorer, self.store = policy, retriever, scorer, store
+        self.k, self.top_k, self.config_hash, self.system = k, top_k, config_hash, system
+        self.sampling = sampling or SamplingConfig(k=k)
+        self.lessons = lessons  # training-free mode: question -> lessons to put in the prompt
+        self._followed: Path | None = None
+        self._followed_version: str | None = None
+        self._lock = threading.Lock()  # one request at a time on the model (the server may use threads)
+
+    @classmethod
+    def from_config(cls, cfg, store_path: str | os.PathLike | None = None, policy=None, index=None,
+                    embedder=None) -> "GRPOAgent":
+        """An agent wired as a Config says: its policy, fact index (retrieval.index), scorer and a store at
+        `store_path` (None: nothing logged). Pass `policy`, `index` or `embedder` to reuse loaded ones."""
+        from .config import config_hash
+        from .policy import load_policy
+        from .retrieval import Embedder, FactIndex
+        from .scoring import build_self_scorer
+        from .store import TrajectoryStore
+
+        policy = policy or load_policy(cfg.policy)
+        needs_embedder = index is None and cfg.retrieval.index or any(
+            cfg.scoring.weights.get(n, 0) > 0 for n in ("grounding", "consistency", "education"))
+        if embedder is None and needs_embedder:
+            embedder = index.embedder if index is not None else Embedder(cfg.retrieval.embedder)
+        if index is None and cfg.retrieval.index:
+            index = FactIndex.load(cfg.retrieval.index, embedder)
+        judge = None
+        if cfg.scoring.weights.get("reasoning", 0) > 0:
+            judge = policy if cfg.scoring.judge == "policy" else load_policy(cfg.scoring.judge)
+        species = sorted({p.metadata.get("species") for p in index.passages()} - {None}) if index else []
+        scorer = build_self_scorer(cfg.scoring, embedder=embedder, judge=judge, species=species)
+        store = TrajectoryStore(store_path) if store_path else None
+        return cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
+                   top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg))
+
+    # ----- serving -------------------------------------------------------------------------------------
+    def respond(self, task: Task, task_id: str | None = None, log: bool = True, **sampling: Any) -> Reply:
+        """Answer one task (see respond_batch)."""
+        return self.respond_batch([task], [task_id], log=log, **sampling)[0]
+
+    def respond_batch(self, tasks: Sequence[Task], task_ids: Sequence[str | None] | None = None,
+                      log: bool = True, source: str = "agent", meta: dict | None = None,
+                      **sampling: Any) -> list[Reply]:
+        """Answer tasks in one batched sampling call: retrieve, sample K each, score, rank, log.
+
+        `sampling` overrides SamplingConfig fields for this call (k, temperature, max_new_tokens, seed...).
+        """
+        if not tasks:
+            return []
+        task_ids = list(task_ids) if task_ids is not None else [None] * len(tasks)
+        split = [split_task(t) for t in tasks]
+        params = {**self._sampling_params(), **sampling}
+        k = params.pop("k")
+        with self._lock:
+            self._check_promoted()
+            passages = self.retrieve([q for q, _ in split])
+            chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
+            groups = self.policy.sample(chats, k=k, **params)
+            contexts = [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
+            explanations: list[dict[str, list[str]]] = [{} for _ in groups]
+            ranked = [list(range(k)) for _ in groups]
+            if k > 1:
+                scored = self.scorer.score_groups(groups, contexts)
+                ranked = [s.ranking for s in scored]
+                explanations = [s.explanations for s in scored]
+        replies = []
+        for (q, _), g, p, rank, expl, tid in zip(split, groups, passages, ranked, explanations, task_ids):
+            group_id = None
+            if log and k > 1 and self.store is not None:
+                group_id = self.store.log_group(g, prompt=q, passage_ids=[x.id for x in p],
+                                                config_hash=self.config_hash, task_id=tid, source=source,
+                                                meta=meta)
+            best = rank[0]
+            replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p, expl,
+                                 g.policy_version))
+        return replies
+
+    def sample_groups(self, tasks: Sequence[Task], **sampling: Any) -> tuple[list[Group], list[ScoreContext]]:
+        """Retrieve and sample (no scoring, no logging): the raw groups and their scoring contexts."""
+        split = [split_task(t) for t in tasks]
+        params = {**self._sampling_params(), **sampling}
+        with self._lock:
+            passages = self.retrieve([q for q, _ in split])
+            chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
+            groups = self.policy.sample(chats, **params)
+        return groups, [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
+
+    def retrieve(self, questions: Sequence[str]) -> list[list[Passage]]:
+        """The top_k facts for each question (none without a retriever)."""
+        if self.retriever is None or self.top_k == 0:
+            return [[] for _ in questions]
+        if hasattr(self.retriever, "search_batch"):
+            hits = self.retriever.search_batch(list(questions), k=self.top_k)
+        else:
+            hits = [self.retriever.search(q, k=self.top_k) for q in questions]
+        return [[h.passage for h in hs] for hs in hits]
+
+    def messages(self, question: str, history: Sequence[dict], passages: Sequence[Passage]) -> list[dict]:
+        """The chat sent to the policy: system prompt (the agent's, then the task's own system turns), earlier
+        turns, then the facts, lessons and the question."""
+        lessons = self.lessons(question) if self.lessons else []
+        system = "\n\n".join([self.system] + [m["content"] for m in history if m.get("role") == "system"])
+        chat = answer_messages(question, passages, lessons, system=system)
+        return chat[:1] + [dict(m) for m in history if m.get("role") != "system"] + chat[1:]
+
+    def _sampling_params(self) -> dict[str, Any]:
+        s = self.sampling
+        return {"k": self.k, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                "seed": s.seed}
+
+    # ----- following the loop's promotions ------------------------------------------------------------
+    def follow(self, run_dir: str | os.PathLike) -> None:
+        """Load the adapter the loop in `run_dir` promotes, now and whenever it promotes a new one."""
+        self._followed = Path(run_dir)
+        with self._lock:
+            self._check_promoted()
+
+    def _check_promoted(self) -> None:
+        if self._followed is None:
+            return
+        pointer = self._followed / PROMOTED
+        if not pointer.is_file():
+            return
+        promoted = json.loads(pointer.read_text(encoding="utf-8"))
+        if promoted["version"] == self._followed_version:
+            return
+        adapter = Path(promoted["adapter"])
+        if not adapter.is_absolute():
+            adapter = self._followed / adapter
+        self.policy.load_adapter(adapter, version=promoted["version"])
+        self._followed_version = promoted["version"]

@@ -1,0 +1,198 @@
+"""The self-improvement loop: collect groups, update on them, evaluate, promote or roll back.
+
+Each round:
+  1. collect: answer the next `tasks_per_round` tasks (K samples each, self-scored) and log the groups;
+  2. update:  run the GRPO updater over every logged group no update has consumed yet;
+  3. eval:    score the updated policy on held-out tasks (gold accuracy, or the label-free composite);
+  4. gate:    promote the update when eval >= the promoted eval - margin; otherwise restore the promoted
+              adapter and record why. Either way the update and its groups are recorded in the store.
+
+Everything lives in the run directory:
+    store.sqlite          the trajectory store (groups, completions, updates)
+    state.json            rounds done, the task cursor, the promoted version and its eval
+    rounds.jsonl          one line per round (round 0: the baseline eval) - what `report` plots
+    metrics.jsonl         the updater's per-step metrics
+    checkpoints/          the updater's checkpoints (adapter, optimizer, consumed groups)
+    promoted/<version>/   each promoted adapter; promoted.json names the current one (agents `follow` it)
+A kill at any moment loses no logged group (each is one SQLite transaction) and a restart resumes from the
+last checkpoint: steps already taken on this round's groups are not repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from .agent import PROMOTED, GRPOAgent
+from .config import LoopConfig, UpdateConfig
+from .errors import GRPOAgentError
+from .evaluation import evaluate
+from .updater import GRPOUpdater, latest_checkpoint
+
+BASE = "base"
+
+
+class LoopError(GRPOAgentError):
+    """A loop that cannot run as configured."""
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class SelfImprovementLoop:
+    """Runs rounds of collect -> update -> eval -> gate for an agent, resumable from its run directory."""
+
+    def __init__(self, agent: GRPOAgent, run_dir: str | os.PathLike, tasks: Sequence[dict],
+                 eval_tasks: Sequence[dict], update: UpdateConfig | None = None, cfg: LoopConfig | None = None,
+                 batch: int = 8, progress: bool = True):
+        if agent.store is None or agent.scorer is None or agent.k < 2:
+            raise LoopError("the loop needs an agent with a store, a scorer and k >= 2 (groups to learn from)")
+        if not tasks:
+            raise LoopError("no tasks to collect groups on: give a task file with at least one question")
+        if not eval_tasks:
+            raise LoopError("no held-out tasks to evaluate on: give an eval set (its questions are never trained on)")
+        self.agent, self.tasks, self.cfg = agent, list(tasks), cfg or LoopConfig()
+        self.eval_tasks = list(eval_tasks)[: self.cfg.eval_size or None]
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.batch, self.progress = batch, progress
+        self.update_cfg = update or UpdateConfig()
+        if not self.update_cfg.lora:
+            raise LoopError("the loop promotes and rolls back LoRA adapters: set update.lora = true")
+        self.updater = GRPOUpdater(agent.policy, self.update_cfg, output_dir=self.run_dir)
+        self.state = self._load_state()
+        if not (self.run_dir / "promoted" / BASE).is_dir():  # the zero adapter: rolling back to it = the base model
+            self._save_adapter(BASE)
+        if latest_checkpoint(self.checkpoints):
+            self.updater.resume(self.checkpoints)
+        agent.policy.version = self.state["promoted_version"]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _load_state(self) -> dict:
+        path = self.run_dir / "state.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        return {"round": 0, "cursor": 0, "promoted_version": BASE, "promoted_eval": None}
+
+    def _save_state(self) -> None:
+        write_json_atomic(self.run_dir / "state.json", self.state)
+
+    def _append_round(self, row: dict) -> None:
+        with (self.run_dir / "rounds.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rounds(self) -> list[dict]:
+        """Every round recorded so far (round 0 is the baseline)."""
+        path = self.run_dir / "rounds.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # ----- the loop --------------------------------------------------------------------------------------
+    def run(self, rounds: int) -> list[dict]:
+        """Run rounds until `rounds` have been completed in this run directory; returns their rows."""
+        if self.state["promoted_eval"] is None:
+            t0 = time.perf_counter()
+            result = self.evaluate()
+            self.state["promoted_eval"] = result["value"]
+            self._save_state()
+            self._append_round({"round": 0, "eval": result, "promoted": True, "policy_version": BASE,
+                                "reason": "baseline", "seconds": time.perf_counter() - t0})
+        rows = []
+        while self.state["round"] < rounds:
+            rows.append(self.run_round(self.state["round"] + 1))
+        return rows
+
+    def run_round(self, r: int) -> dict:
+        t0 = time.perf_counter()
+        self.collect(r)
+        groups = self.agent.store.groups(unconsumed=True, source="loop")
+        bar = tqdm(total=None, desc=f"round {r} update", unit="step", disable=not self.progress, leave=False)
+
+        def on_step(m: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.4f}")
+            if self.updater.step % self.cfg.checkpoint_every == 0:
+                self.updater.save_checkpoint(self.checkpoints)
+
+        history = self.updater.train(groups, on_step=on_step)
+        bar.close()
+        self.updater.save_checkpoint(self.checkpoints)
+        result = self.evaluate()
+        before = self.state["promoted_eval"]
+        promoted = result["value"] >= before - self.cfg.margin
+        version = f"r{r}" if promoted else self.state["promoted_version"]
+        if promoted:
+            reason = f"eval {result['value']:.4f} >= promoted {before:.4f} - margin {self.cfg.margin}"
+            self._save_adapter(version)
+            write_json_atomic(self.run_dir / PROMOTED, {"version": version, "adapter": f"promoted/{version}"})
+            self.state["promoted_eval"] = result["value"]
+        else:
+            reason = f"eval {result['value']:.4f} < promoted {before:.4f} - margin {self.cfg.margin}: rolled back"
+            self.agent.policy.load_adapter(self.run_dir / "promoted" / version, version=version)
+            self.updater.optimizer.state.clear()  # the moments belong to the discarded weights
+        self.agent.policy.version = version
+        used = [g.group_id for g in groups]
+        metrics = _summarise(history, groups)
+        self.agent.store.record_update(round=r, policy_version=version, group_ids=used, metrics=metrics,
+                                       eval=result, promoted=promoted, reason=reason,
+                                       checkpoint=str(latest_checkpoint(self.checkpoints) or ""))
+        self.updater.save_checkpoint(self.checkpoints)  # the post-gate weights: what a restart resumes from
+        row = {"round": r, **metrics, "eval": result, "promoted": promoted, "policy_version": version,
+               "reason": reason, "seconds": time.perf_counter() - t0}
+        self._append_round(row)
+        self.state.update(round=r, promoted_version=version)
+        self._save_state()
+        return row
+
+    def collect(self, r: int) -> None:
+        """Answer this round's tasks (resuming at the task cursor) and log their groups."""
+        end = r * self.cfg.tasks_per_round  # the cursor where this round's collection is complete
+        bar = tqdm(total=self.cfg.tasks_per_round, initial=self.cfg.tasks_per_round - (end - self.state["cursor"]),
+                   desc=f"round {r} collect", unit="task", disable=not self.progress, leave=False)
+        while self.state["cursor"] < end:
+            n = min(self.batch, end - self.state["cursor"])
+            chunk = [self.tasks[(self.state["cursor"] + i) % len(self.tasks)] for i in range(n)]
+            self.agent.respond_batch([t["question"] for t in chunk], [t.get("id") for t in chunk],
+                                     source="loop", meta={"round": r})
+            self.state["cursor"] += n
+            self._save_state()
+            bar.update(n)
+        bar.close()
+
+    def evaluate(self) -> dict:
+        return evaluate(self.agent, self.eval_tasks, label_free=self.cfg.label_free, k=self.cfg.eval_k,
+                        batch=self.batch, progress=self.progress)
+
+    def _save_adapter(self, version: str) -> None:
+        final = self.run_dir / "promoted" / version
+        tmp = final.with_name(f".{version}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.updater.model.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+
+def _summarise(history: list[dict], groups) -> dict:
+    """A round's update in a few numbers: steps, mean loss and KL, the last KL, and the groups' scores."""
+    composites = [c.composite for g in groups for c in g.completions if c.composite is not None]
+    mean = lambda key: sum(m[key] for m in history) / len(history) if history else None  # noqa: E731
+    return {
+        "groups": len(groups), "zero_variance_groups": sum(g.zero_variance for g in groups),
+        "train_composite": sum(composites) / len(composites) if composites else None,
+        "steps": len(history), "loss": mean("loss"), "kl": mean("kl"),
+        "kl_last": history[-1]["kl"] if history else None, "clip_fraction": mean("clip_fraction"),
+        "grad_norm": mean("grad_norm"), "skipped_nonfinite": sum(m["skipped_nonfinite"] for m in history),
+    }

@@ -1,0 +1,92 @@
+"""The report of a loop's run directory: PNG plots per round and a Markdown summary.
+
+    write_report("runs/demo")  ->  runs/demo/report/{scores,eval,kl}.png and report.md
+
+Reads rounds.jsonl (one line per round, round 0 the baseline) and metrics.jsonl (the updater's steps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import GRPOAgentError
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> Path:
+    """Write plots and report.md for the run in `run_dir`; `extra` adds named evals (e.g. before/after
+    accuracy on a labelled set) to the summary. Returns the path of report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rounds = _read_jsonl(run_dir / "rounds.jsonl")
+    if not rounds:
+        raise GRPOAgentError(f"{run_dir} holds no rounds.jsonl: run `grpo-agent loop --run {run_dir}` first")
+    steps = _read_jsonl(run_dir / "metrics.jsonl")
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    done = [r for r in rounds if r["round"] > 0]
+    xs = [r["round"] for r in rounds]
+    evals = [r["eval"]["value"] for r in rounds]
+    metric = rounds[0]["eval"]["metric"]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(xs, evals, "-", color="0.6", zorder=1)
+    for r, v in zip(rounds, evals):
+        ax.scatter(r["round"], v, color="tab:green" if r["promoted"] else "tab:red", zorder=2,
+                   marker="o" if r["promoted"] else "x")
+    ax.set(xlabel="round (0 = before training)", ylabel=f"held-out {metric}",
+           title="Eval per round (green: promoted, red x: rolled back)")
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["round"] for r in done], [r.get("train_composite") for r in done], "o-", label="collected groups")
+    ax.set(xlabel="round", ylabel="mean composite self-score", title="Self-score of the answers collected")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if steps:
+        ax.plot([m["step"] for m in steps], [m["kl"] for m in steps], ".-", label="KL to reference per step")
+    ax.set(xlabel="optimizer step", ylabel="KL (k3)", title="KL to the reference model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "kl.png", dpi=110)
+    plt.close(fig)
+
+    lines = [f"# Self-improvement run: {run_dir}", ""]
+    if extra:
+        lines += ["| evaluation | metric | value | n |", "|---|---|---|---|"]
+        lines += [f"| {name} | {e['metric']} | {_fmt(e['value'])} | {e['n']} |" for name, e in extra.items()]
+        lines.append("")
+    promoted = sum(r["promoted"] for r in done)
+    lines += [f"{len(done)} rounds: {promoted} promoted, {len(done) - promoted} rolled back. "
+              f"Gate metric: held-out {metric}.", "",
+              "| round | groups | zero-var | train composite | steps | loss | mean KL | eval | promoted | version |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {_fmt(r.get('groups'))} | {_fmt(r.get('zero_variance_groups'))} | "
+                     f"{_fmt(r.get('train_composite'))} | {_fmt(r.get('steps'))} | {_fmt(r.get('loss'), 4)} | "
+                     f"{_fmt(r.get('kl'), 5)} | {_fmt(r['eval']['value'])} | {'yes' if r['promoted'] else 'no'} | "
+                     f"{r['policy_version']} |")
+    lines += ["", "![eval](eval.png) ![scores](scores.png) ![kl](kl.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

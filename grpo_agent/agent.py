@@ -55,7 +55,9 @@ class Reply:
 
 def split_task(task: Task) -> tuple[str, list[dict]]:
     """The question and the other turns of a task (a string, or a chat whose last user message is the
-    question); system turns are kept, and the agent adds them to its own system prompt."""
+    question); system turns are kept (the agent adds them to its own system prompt), and tool results too.
+
+    The question is the last *user* turn: tool results that follow it are context, not a new question."""
     if isinstance(task, str):
         if not task.strip():
             raise AgentError("the task is empty: give a question")
@@ -68,7 +70,7 @@ def split_task(task: Task) -> tuple[str, list[dict]]:
     question = turns[last].get("content")
     if not isinstance(question, str) or not question.strip():
         raise AgentError("the last user message has no text content")
-    history = [m for i, m in enumerate(turns) if i != last and m.get("role") in ("system", "user", "assistant")]
+    history = [m for i, m in enumerate(turns) if i != last and m.get("role") in ("system", "user", "assistant", "tool")]
     return question, history
 
 
@@ -135,6 +137,8 @@ class GRPOAgent:
         split = [split_task(t) for t in tasks]
         params = {**self._sampling_params(), **sampling}
         k = params.pop("k")
+        if k > 1 and self.scorer is None:
+            raise AgentError(f"k = {k} needs a scorer to pick the best answer: build the agent with one, or use k=1")
         with self._lock:
             self._check_promoted()
             passages = self.retrieve([q for q, _ in split])
@@ -185,7 +189,9 @@ class GRPOAgent:
         lessons = self.lessons(question) if self.lessons else []
         system = "\n\n".join([self.system] + [m["content"] for m in history if m.get("role") == "system"])
         chat = answer_messages(question, passages, lessons, system=system)
-        return chat[:1] + [dict(m) for m in history if m.get("role") != "system"] + chat[1:]
+        turns = [{"role": "user", "content": m["content"]} if m.get("role") == "tool" else dict(m)  # few chat
+                 for m in history if m.get("role") != "system"]  # templates know a tool role
+        return chat[:1] + turns + chat[1:]
 
     def _sampling_params(self) -> dict[str, Any]:
         s = self.sampling
@@ -195,7 +201,11 @@ class GRPOAgent:
     # ----- following the loop's promotions ------------------------------------------------------------
     def follow(self, run_dir: str | os.PathLike) -> None:
         """Load the adapter the loop in `run_dir` promotes, now and whenever it promotes a new one."""
-        self._followed = Path(run_dir)
+        run = Path(run_dir)
+        if not (run / PROMOTED).is_file() and not (run / "state.json").is_file():
+            raise AgentError(f"{run} is not a loop's run directory (no {PROMOTED} or state.json): give the --run "
+                             "directory of `grpo-agent loop` or `grpo-agent update`")
+        self._followed = run
         with self._lock:
             self._check_promoted()
 
@@ -205,11 +215,14 @@ class GRPOAgent:
         pointer = self._followed / PROMOTED
         if not pointer.is_file():
             return
-        promoted = json.loads(pointer.read_text(encoding="utf-8"))
-        if promoted["version"] == self._followed_version:
+        try:
+            promoted = json.loads(pointer.read_text(encoding="utf-8"))
+            version, adapter = promoted["version"], Path(promoted["adapter"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AgentError(f"{pointer} is malformed ({e!r}): it should hold {{\"version\": ..., \"adapter\": ...}}") from e
+        if version == self._followed_version:
             return
-        adapter = Path(promoted["adapter"])
         if not adapter.is_absolute():
             adapter = self._followed / adapter
-        self.policy.load_adapter(adapter, version=promoted["version"])
-        self._followed_version = promoted["version"]
+        self.policy.load_adapter(adapter, version=version)
+        self._followed_version = version

@@ -232,7 +232,13 @@ def _run_collect(args: argparse.Namespace) -> int:
     from .evaluation import read_tasks
 
     tasks = read_tasks(args.tasks)[: args.limit]
+    if not tasks:
+        raise GRPOAgentError(f"--limit {args.limit} leaves no task to collect")
+    if args.k is not None and args.k < 2:
+        raise GRPOAgentError(f"-k {args.k}: collect logs groups to train on, and a group needs K >= 2 answers")
     cfg, agent = _agent(args, args.store)
+    if cfg.sampling.k < 2:
+        raise GRPOAgentError(f"sampling.k = {cfg.sampling.k}: collect needs groups of K >= 2 answers")
     composites = []
     for i in tqdm(range(0, len(tasks), args.batch), desc="collect", unit="batch"):
         chunk = tasks[i : i + args.batch]
@@ -265,7 +271,7 @@ def _run_update(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .agent import PROMOTED
-    from .loop import write_json_atomic
+    from .loop import save_adapter, write_json_atomic
     from .policy import load_policy
     from .store import TrajectoryStore
     from .updater import GRPOUpdater, latest_checkpoint
@@ -273,6 +279,9 @@ def _run_update(args: argparse.Namespace) -> int:
     for k in ("index", "k", "max_new_tokens", "temperature", "seed"):
         setattr(args, k, None)
     cfg = _config(args)
+    if args.promote and not cfg.update.lora:
+        raise GRPOAgentError("--promote serves LoRA adapters; with update.lora = false load the checkpoint's "
+                             "model.safetensors yourself")
     run = Path(args.run)
     with TrajectoryStore(args.store) as store:
         groups = store.groups(unconsumed=True)
@@ -294,7 +303,7 @@ def _run_update(args: argparse.Namespace) -> int:
         checkpoint = updater.save_checkpoint(run / "checkpoints")
         version = f"u{updater.step}"
         if args.promote:
-            updater.model.save_pretrained(run / "promoted" / version)
+            save_adapter(updater.model, run / "promoted" / version)
             write_json_atomic(run / PROMOTED, {"version": version, "adapter": f"promoted/{version}"})
         kls = [m["kl"] for m in history]
         store.record_update(round=0, policy_version=version, group_ids=[g.group_id for g in groups],
@@ -333,6 +342,10 @@ def _run_loop(args: argparse.Namespace) -> int:
     from .loop import SelfImprovementLoop
 
     tasks, eval_tasks = read_tasks(args.tasks), read_tasks(args.eval_set)
+    unlabelled = next((t for t in eval_tasks if "answer" not in t), None)
+    if args.labels and unlabelled is not None:
+        raise GRPOAgentError(f"--labels gates on gold answers, but task {unlabelled['id']} of {args.eval_set} has "
+                             "no \"answer\"; add answers or drop --labels (the label-free gate)")
     cfg, agent = _agent(args, str(Path(args.run) / "store.sqlite"))
     flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
              "label_free": False if args.labels else None}

@@ -66,6 +66,11 @@ def read_tasks(path: str | Path) -> list[dict]:
         key = next((k for k in TASK_KEYS if isinstance(row, dict) and isinstance(row.get(k), str)), None)
         if key is None:
             raise GRPOAgentError(f'{path}:{n} has no "question" text; each line needs {{"question": "..."}}')
+        answer, aliases = row.get("answer"), row.get("aliases", [])
+        if answer is not None and not isinstance(answer, str):
+            raise GRPOAgentError(f'{path}:{n}: "answer" must be a string (write {json.dumps(str(answer))})')
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise GRPOAgentError(f'{path}:{n}: "aliases" must be a list of strings')
         tasks.append({**row, "question": row[key], "id": str(row.get("id", f"{path.stem}-{n}"))})
     if not tasks:
         raise GRPOAgentError(f"task file {path} holds no tasks")

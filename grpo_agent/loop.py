@@ -15,11 +15,14 @@ Everything lives in the run directory:
     checkpoints/          the updater's checkpoints (adapter, optimizer, consumed groups)
     promoted/<version>/   each promoted adapter; promoted.json names the current one (agents `follow` it)
 A kill at any moment loses no logged group (each is one SQLite transaction) and a restart resumes from the
-last checkpoint: steps already taken on this round's groups are not repeated.
+last checkpoint (steps since it are redone; with checkpoint_every = 1, none). The gate's decision is
+journaled in state.json before it is applied, so a kill during the gate finishes it on restart instead of
+re-deciding it. A kill during collection can log the batch being answered twice (extra groups, none lost).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,8 +46,12 @@ class LoopError(GRPOAgentError):
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace `path` with `data` as JSON in one step: a reader sees the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it takes the name, so a power cut cannot leave it empty
     os.replace(tmp, path)
 
 
@@ -82,9 +89,18 @@ class SelfImprovementLoop:
 
     def _load_state(self) -> dict:
         path = self.run_dir / "state.json"
-        if path.is_file():
+        if not path.is_file():
+            return {"round": 0, "cursor": 0, "promoted_version": BASE, "promoted_eval": None, "pending": None}
+        try:
             return json.loads(path.read_text(encoding="utf-8"))
-        return {"round": 0, "cursor": 0, "promoted_version": BASE, "promoted_eval": None}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LoopError(f"{path} is not readable JSON ({e}); restore it, or start a new run directory") from e
+
+    def _eval_identity(self) -> dict:
+        """What makes two evals comparable: the metric, and the held-out questions."""
+        labelled = not self.cfg.label_free and all("answer" in t for t in self.eval_tasks)
+        digest = hashlib.sha1(json.dumps([t["question"] for t in self.eval_tasks]).encode()).hexdigest()[:12]
+        return {"metric": "accuracy" if labelled else "composite", "eval_tasks": digest}
 
     def _save_state(self) -> None:
         write_json_atomic(self.run_dir / "state.json", self.state)
@@ -103,13 +119,21 @@ class SelfImprovementLoop:
     # ----- the loop --------------------------------------------------------------------------------------
     def run(self, rounds: int) -> list[dict]:
         """Run rounds until `rounds` have been completed in this run directory; returns their rows."""
+        identity = self._eval_identity()
+        if self.state.get("eval_identity", identity) != identity:
+            raise LoopError(
+                f"{self.run_dir} was gated on {self.state['eval_identity']} but this run evaluates {identity}: the "
+                "evals would not compare. Use the same eval set and labels setting, or a new run directory")
+        if self.state.get("pending"):  # killed during the gate: finish it as decided
+            self._finish_gate(self.state["pending"])
         if self.state["promoted_eval"] is None:
             t0 = time.perf_counter()
             result = self.evaluate()
-            self.state["promoted_eval"] = result["value"]
+            if not any(x["round"] == 0 for x in self.rounds()):
+                self._append_round({"round": 0, "eval": result, "promoted": True, "policy_version": BASE,
+                                    "reason": "baseline", "seconds": time.perf_counter() - t0})
+            self.state.update(promoted_eval=result["value"], eval_identity=identity)
             self._save_state()
-            self._append_round({"round": 0, "eval": result, "promoted": True, "policy_version": BASE,
-                                "reason": "baseline", "seconds": time.perf_counter() - t0})
         rows = []
         while self.state["round"] < rounds:
             rows.append(self.run_round(self.state["round"] + 1))
@@ -119,6 +143,9 @@ class SelfImprovementLoop:
         t0 = time.perf_counter()
         self.collect(r)
         groups = self.agent.store.groups(unconsumed=True, source="loop")
+        if self.state.get("update_from_step") is None:  # the step this round's update starts after
+            self.state["update_from_step"] = self.updater.step
+            self._save_state()
         bar = tqdm(total=None, desc=f"round {r} update", unit="step", disable=not self.progress, leave=False)
 
         def on_step(m: dict) -> None:
@@ -129,33 +156,61 @@ class SelfImprovementLoop:
 
         history = self.updater.train(groups, on_step=on_step)
         bar.close()
-        self.updater.save_checkpoint(self.checkpoints)
+        if history and self.updater.step % self.cfg.checkpoint_every:
+            self.updater.save_checkpoint(self.checkpoints)
         result = self.evaluate()
         before = self.state["promoted_eval"]
         promoted = result["value"] >= before - self.cfg.margin
-        version = f"r{r}" if promoted else self.state["promoted_version"]
         if promoted:
             reason = f"eval {result['value']:.4f} >= promoted {before:.4f} - margin {self.cfg.margin}"
-            self._save_adapter(version)
-            write_json_atomic(self.run_dir / PROMOTED, {"version": version, "adapter": f"promoted/{version}"})
-            self.state["promoted_eval"] = result["value"]
         else:
             reason = f"eval {result['value']:.4f} < promoted {before:.4f} - margin {self.cfg.margin}: rolled back"
+        # The decision is journaled first: a kill from here on finishes this gate on restart, never redoes it.
+        self.state["pending"] = {
+            "round": r, "eval": result, "promoted": promoted, "reason": reason,
+            "version": f"r{r}" if promoted else self.state["promoted_version"],
+            "group_ids": [g.group_id for g in groups], "seconds": time.perf_counter() - t0,
+        }
+        if promoted:
+            self._save_adapter(f"r{r}")
+        else:
+            self._save_adapter(f"r{r}", folder="rejected")  # kept for inspection, never served
+        self._save_state()
+        return self._finish_gate(self.state["pending"])
+
+    def _finish_gate(self, pending: dict) -> dict:
+        """Apply a journaled gate decision; every step is safe to repeat after a kill."""
+        r, version, promoted = pending["round"], pending["version"], pending["promoted"]
+        if not promoted:  # restore the promoted weights; the moments belong to the discarded ones
             self.agent.policy.load_adapter(self.run_dir / "promoted" / version, version=version)
-            self.updater.optimizer.state.clear()  # the moments belong to the discarded weights
+            self.updater.optimizer.state.clear()
+        write_json_atomic(self.run_dir / PROMOTED, {"version": version, "adapter": f"promoted/{version}"})
         self.agent.policy.version = version
-        used = [g.group_id for g in groups]
-        metrics = _summarise(history, groups)
-        self.agent.store.record_update(round=r, policy_version=version, group_ids=used, metrics=metrics,
-                                       eval=result, promoted=promoted, reason=reason,
-                                       checkpoint=str(latest_checkpoint(self.checkpoints) or ""))
+        metrics = self._round_metrics(pending["group_ids"])
+        if not any(u["round"] == r for u in self.agent.store.updates()):
+            self.agent.store.record_update(
+                round=r, policy_version=version, group_ids=pending["group_ids"], metrics=metrics,
+                eval=pending["eval"], promoted=promoted, reason=pending["reason"],
+                checkpoint=str(self.run_dir / ("promoted" if promoted else "rejected") / f"r{r}"))
         self.updater.save_checkpoint(self.checkpoints)  # the post-gate weights: what a restart resumes from
-        row = {"round": r, **metrics, "eval": result, "promoted": promoted, "policy_version": version,
-               "reason": reason, "seconds": time.perf_counter() - t0}
-        self._append_round(row)
-        self.state.update(round=r, promoted_version=version)
+        row = {"round": r, **metrics, "eval": pending["eval"], "promoted": promoted, "policy_version": version,
+               "reason": pending["reason"], "seconds": pending["seconds"]}
+        if not any(x["round"] == r for x in self.rounds()):
+            self._append_round(row)
+        if promoted:
+            self.state["promoted_eval"] = pending["eval"]["value"]
+        self.state.update(round=r, promoted_version=version, pending=None, update_from_step=None)
         self._save_state()
         return row
+
+    def _round_metrics(self, group_ids: list[str]) -> dict:
+        """The round's update in a few numbers, from metrics.jsonl (so a resumed update counts all its steps)."""
+        start = self.state.get("update_from_step") or 0
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        steps = {m["step"]: m for m in map(json.loads, filter(None, lines)) if m["step"] > start}
+        groups = [self.agent.store.get_group(gid) for gid in group_ids]
+        return _summarise([steps[k] for k in sorted(steps)], groups)
 
     def collect(self, r: int) -> None:
         """Answer this round's tasks (resuming at the task cursor) and log their groups."""
@@ -176,13 +231,21 @@ class SelfImprovementLoop:
         return evaluate(self.agent, self.eval_tasks, label_free=self.cfg.label_free, k=self.cfg.eval_k,
                         batch=self.batch, progress=self.progress)
 
-    def _save_adapter(self, version: str) -> None:
-        final = self.run_dir / "promoted" / version
-        tmp = final.with_name(f".{version}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.updater.model.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    def _save_adapter(self, version: str, folder: str = "promoted") -> None:
+        save_adapter(self.updater.model, self.run_dir / folder / version)
+
+
+def save_adapter(model, directory: Path) -> None:
+    """Write a peft model's adapter to `directory` atomically (a temporary directory, then renamed)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        directory.rename(aside)
+    tmp.rename(directory)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _summarise(history: list[dict], groups) -> dict:
@@ -194,5 +257,5 @@ def _summarise(history: list[dict], groups) -> dict:
         "train_composite": sum(composites) / len(composites) if composites else None,
         "steps": len(history), "loss": mean("loss"), "kl": mean("kl"),
         "kl_last": history[-1]["kl"] if history else None, "clip_fraction": mean("clip_fraction"),
-        "grad_norm": mean("grad_norm"), "skipped_nonfinite": sum(m["skipped_nonfinite"] for m in history),
+        "grad_norm": mean("grad_norm"), "skipped_nonfinite": sum(bool(m["skipped_nonfinite"]) for m in history),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -196,11 +197,21 @@ class Policy:
             raise ModelLoadError(f"{path} is not a LoRA adapter directory (adapter_config.json and "
                                  "adapter_model.safetensors, as written by the updater's checkpoints)")
         if isinstance(self.model, PeftModel):
-            set_peft_model_state_dict(self.model, load_file(str(weights)))
+            wanted = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+            have = self.model.peft_config["default"]
+            for key in ("r", "lora_alpha", "target_modules"):
+                a, b = wanted.get(key), getattr(have, key)
+                if (sorted(a) if isinstance(a, (list, set)) else a) != (sorted(b) if isinstance(b, (list, set)) else b):
+                    raise ModelLoadError(f"adapter {path} has {key} = {a!r} but the loaded adapter has {b!r}: "
+                                         "adapters swapped in place must share their LoRA shape; restart with it")
+            result = set_peft_model_state_dict(self.model, load_file(str(weights)))
+            if getattr(result, "unexpected_keys", None):
+                raise ModelLoadError(f"adapter {path} holds weights the model has no place for: "
+                                     f"{result.unexpected_keys[:3]}")
         else:
             self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=True)
         self.model.eval()
-        self.version = version or path.parent.name
+        self.version = version or (path.parent.name if path.name == "adapter" else path.name)
 
     @torch.inference_mode()
     def next_token_logprobs(self, messages_batch: Sequence[Messages]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -102,36 +103,53 @@ class StoreError(GRPOAgentError):
 class TrajectoryStore:
     """Groups, steps and updates in one SQLite file that several processes may write at once.
 
-    An instance belongs to the thread that opened it (sqlite3's rule): open one per thread or process.
+    Safe to share between threads (a server's, LangChain's batch): each thread gets its own connection.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None)  # autocommit: transactions are explicit
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open the trajectory store {self.path}: {e}; give a writable file path") from e
-        self._conn.row_factory = sqlite3.Row
-        try:
-            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             version = self._version()  # the first read: fails, writing nothing, on a file that is not SQLite
         except sqlite3.DatabaseError as e:
-            self._conn.close()
+            self.close()
             raise StoreError(
                 f"{self.path} is not a SQLite database ({e}); point the store at a new file or an existing store"
             ) from e
         except StoreError:
-            self._conn.close()
+            self.close()
             raise
         self._retrying(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
-        self._conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: safe against crashes, fsync per checkpoint
-        self._conn.execute("PRAGMA foreign_keys = ON")
         self._migrate(version)
 
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:  # autocommit: transactions are explicit; used by this thread only, closed by any
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot open the trajectory store {self.path}: {e}; give a writable file path") from e
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: safe against crashes, fsync per checkpoint
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
     def close(self) -> None:
-        """Close the connection."""
-        self._conn.close()
+        """Close every thread's connection."""
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
 
     def __enter__(self) -> TrajectoryStore:
         return self

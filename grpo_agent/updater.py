@@ -154,6 +154,7 @@ class GRPOUpdater:
                 if all((p, gid) in done for gid in ids):
                     continue
                 if max_steps is not None and len(history) >= max_steps:
+                    self.train_model.eval()
                     return history
                 metrics = self._step([r for rows in chunk for r in rows])
                 metrics.update(pass_index=p, groups=len(chunk), skipped_groups=len(skipped))
@@ -162,6 +163,7 @@ class GRPOUpdater:
                 self._log(metrics)
                 if on_step:
                     on_step(metrics)
+        self.train_model.eval()  # back to sampling mode (no dropout): what the agent and the eval expect
         return history
 
     def _step(self, rows: list[Row]) -> dict:
@@ -295,10 +297,13 @@ class GRPOUpdater:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {"step": self.step, "consumed": self.consumed, "optimizer": layout, "config": asdict(self.cfg)}
         (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
+        aside = root / f".{final.name}.old-{os.getpid()}"
+        if final.exists():  # re-saving a step: keep a complete copy under the name until the new one is in place
+            final.rename(aside)
         tmp.rename(final)
+        _remove_checkpoint(aside)
         for old in sorted(root.glob("checkpoint-*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
         return final
 
     def resume(self, directory: str | os.PathLike | None = None) -> bool:
@@ -325,10 +330,23 @@ class GRPOUpdater:
         return True
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, its state.json first, so a half-deleted one never looks complete."""
+    (path / "state.json").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint-* directory under `root` holding a state.json (complete), if any."""
-    done = [p for p in sorted(Path(root).glob("checkpoint-*")) if (p / "state.json").is_file()]
-    return done[-1] if done else None
+    """The newest complete checkpoint (one holding a state.json) under `root`, if any. A copy set aside while
+    its step was being re-saved counts when the kill came before the new one took its name."""
+    found: dict[str, Path] = {}
+    for aside in Path(root).glob(".checkpoint-*.old-*"):
+        if (aside / "state.json").is_file():
+            found.setdefault(aside.name[1:].split(".old-")[0], aside)
+    for path in Path(root).glob("checkpoint-*"):
+        if (path / "state.json").is_file():
+            found[path.name] = path
+    return found[max(found)] if found else None
 
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

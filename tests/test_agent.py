@@ -22,7 +22,7 @@ def test_respond_serves_the_best_scored_answer_and_logs_the_group(policy, embedd
     assert len(reply.candidates) == 4 and reply.composite == max(composites)
     assert reply.answer == reply.candidates[reply.best].text
     assert reply.passages[0].id == "p1"  # retrieval put the snow leopard fact first
-    assert set(reply.scores) >= {"grounding", "consistency", "education", "safety"}
+    assert set(reply.scores) >= {"grounding", "consistency", "safety"}
     assert len(reply.explanations["grounding"]) == 4
     logged = agent.store.get_group(reply.group_id)
     assert [c.text for c in logged.completions] == [c.text for c in reply.candidates]
@@ -80,3 +80,24 @@ def test_follow_loads_each_promoted_adapter_without_a_restart(policy, embedder, 
     assert not torch.allclose(before, after)
     reply = agent.respond("Is the tiger endangered?")
     assert reply.policy_version == "r1" and agent.store.get_group(reply.group_id).policy_version == "r1"
+
+    # A second promotion is swapped in place, between two requests.
+    more = trainer.sample([[{"role": "user", "content": "Where do kakapo live?"}]], k=4, max_new_tokens=8, seed=1)
+    for i, c in enumerate(more[0].completions):
+        c.advantage = 1.0 if i == 1 else -1.0 / 3
+    assert len(updater.train(more)) == 1
+    updater.model.save_pretrained(run / "promoted" / "r2")
+    (run / PROMOTED).write_text(json.dumps({"version": "r2", "adapter": "promoted/r2"}))
+    agent.respond("Is the tiger endangered?", k=1)
+    assert policy.version == "r2"
+    assert torch.allclose(policy.model(ids).logits, trainer.model(ids).logits, atol=1e-5)
+
+
+def test_follow_names_a_wrong_run_directory(policy, embedder, tmp_path):
+    agent = make_agent(policy, embedder, tmp_path / "store.sqlite")
+    with pytest.raises(AgentError, match="not a loop's run directory"):
+        agent.follow(tmp_path / "typo")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / PROMOTED).write_text("{not json")
+    with pytest.raises(AgentError, match="malformed"):
+        agent.follow(tmp_path / "run")

@@ -80,7 +80,7 @@ def test_a_tool_calling_agent_loop():
     assert final.content == "The kakapo is Critically Endangered." and not final.tool_calls
     sent = scripted.chats[1]  # what the agent saw on the second call
     assert "species_status" in sent[0]["content"]  # the tools are described to the model
-    assert sent[-1] == {"role": "user", "content": "Result of tool species_status: Critically Endangered"}
+    assert sent[-1] == {"role": "tool", "content": "Result of tool species_status: Critically Endangered"}
     assert sent[-2]["role"] == "assistant" and '"species_status"' in sent[-2]["content"]
 
 
@@ -98,3 +98,50 @@ def test_the_langchain_example_runs(tiny_model_dir, tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "logged group" in out.stdout and "steps recorded: 2" in out.stdout
+
+
+def test_after_a_tool_call_the_question_is_still_the_human_message(agent):
+    from grpo_agent.agent import split_task
+
+    chat = to_chat([HumanMessage("Why are pangolins trafficked?"),
+                    AIMessage("", tool_calls=[{"name": "lookup", "args": {"q": "pangolin"}, "id": "c1"}]),
+                    ToolMessage("scales and meat", tool_call_id="c1", name="lookup")])
+    question, history = split_task(chat)
+    assert question == "Why are pangolins trafficked?"
+    sent = agent.messages(question, history, [])
+    assert [m["role"] for m in sent] == ["system", "assistant", "user", "user"]  # tool result shown as a user turn
+    assert sent[2]["content"] == "Result of tool lookup: scales and meat" and sent[-1]["content"].endswith(question)
+
+
+def test_batch_and_async_calls_share_the_agent_and_its_store(agent):
+    import asyncio
+
+    model = GRPOChatModel(agent=agent)
+    answers = model.batch([[HumanMessage("Why are pangolins trafficked?")], [HumanMessage("How many tigers?")]])
+    answers.append(asyncio.run(model.ainvoke([HumanMessage("What harms sea turtle hatchlings?")])))
+    ids = [a.response_metadata["group_id"] for a in answers]
+    assert len(set(ids)) == 3 and {g.group_id for g in agent.store.groups()} == set(ids)
+
+
+def test_forcing_a_tool_is_refused_clearly(agent):
+    @tool
+    def lookup(q: str) -> str:
+        """Look something up."""
+        return q
+
+    with pytest.raises(ValueError, match="cannot force tool_choice"):
+        GRPOChatModel(agent=agent).bind_tools([lookup], tool_choice="any")
+
+
+def test_a_failed_run_leaves_no_steps_behind(agent):
+    from langchain_core.runnables import RunnableLambda
+
+    recorder = GRPORunRecorder(agent.store)
+
+    def boom(_):
+        raise RuntimeError("tool broke")
+
+    chain = GRPOChatModel(agent=agent) | RunnableLambda(boom)
+    with pytest.raises(RuntimeError):
+        chain.invoke([HumanMessage("Why protect tigers?")], config={"callbacks": [recorder]})
+    assert recorder.steps == [] and recorder.group_ids == []

@@ -85,7 +85,17 @@ from grpo_agent.policy import load_policy
 from grpo_agent.retrieval import Embedder
 import grpo_agent.updater as updater
 
-kill_after = int(sys.argv[1])
+mode = sys.argv[1]
+kill_after = int(mode) if mode.isdigit() else 0
+if mode == "gate":  # the eval drops (a rollback), and the process dies right after the update is recorded
+    from grpo_agent.store import TrajectoryStore
+    SelfImprovementLoop.evaluate = lambda self: {{"metric": "composite", "value": 0.5 if self.state["promoted_eval"]
+                                                 is None else 0.1, "n": 2}}
+    record = TrajectoryStore.record_update
+    def record_then_die(self, **kw):
+        record(self, **kw)
+        os.kill(os.getpid(), signal.SIGKILL)
+    TrajectoryStore.record_update = record_then_die
 if kill_after:
     original = updater.GRPOUpdater.save_checkpoint
     def save_then_die(self, *a, **k):
@@ -96,9 +106,11 @@ if kill_after:
     updater.GRPOUpdater.save_checkpoint = save_then_die
 agent = make_agent(load_policy({model!r}, device="cpu"), Embedder(), {run!r} + "/store.sqlite")
 loop = SelfImprovementLoop(agent, {run!r}, TASKS, EVAL, UpdateConfig(learning_rate=5e-3, groups_per_step=1),
-                           LoopConfig(tasks_per_round=4, eval_k=2, margin=1.0), progress=False)
+                           LoopConfig(tasks_per_round=4, eval_k=2, margin=0.0 if mode == "gate" else 1.0),
+                           progress=False)
 loop.run(1)
-print("steps", loop.updater.step)
+lora_b = sum(float(p.abs().sum()) for n, p in loop.updater.model.named_parameters() if "lora_B" in n)
+print("steps", loop.updater.step, "lora_b", lora_b)
 """
 
 
@@ -126,3 +138,27 @@ def test_killing_the_loop_mid_update_loses_nothing_and_resumes_from_the_checkpoi
         (update,) = store.updates()
         usable = [g for g in store.groups() if not g.zero_variance]
         assert set(update["group_ids"]) == logged and steps[-1] == len(usable)
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["steps"] == len(usable)  # all steps, both processes
+
+
+def test_a_kill_during_the_gate_finishes_that_gate_on_restart(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    script = tmp_path / "run_loop.py"
+    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), run=str(run)))
+    killed = subprocess.run([sys.executable, str(script), "gate"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert json.loads((run / "state.json").read_text())["pending"]["promoted"] is False
+
+    resumed = subprocess.run([sys.executable, str(script), "0"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.split()[-1] == "0.0"  # rolled back to the base: every LoRA B is zero again
+    from grpo_agent.store import TrajectoryStore
+
+    with TrajectoryStore(run / "store.sqlite") as store:
+        assert [(u["round"], u["promoted"]) for u in store.updates()] == [(1, False)]  # recorded once
+    rows = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["promoted"]) for r in rows] == [(0, True), (1, False)]
+    state = json.loads((run / "state.json").read_text())
+    assert state["round"] == 1 and state["pending"] is None and state["promoted_version"] == "base"
+    assert json.loads((run / "promoted.json").read_text())["version"] == "base"

@@ -312,3 +312,18 @@ def test_export_parquet_without_pyarrow_names_the_install(tmp_path, monkeypatch)
         with pytest.raises(StoreError, match="pip install pyarrow"):
             store.export_parquet(tmp_path / "x.parquet")
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_one_store_is_shared_safely_between_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = TrajectoryStore(tmp_path / "t.sqlite")
+
+    def log(i):
+        g = Group(messages=[], prompt_token_ids=[1], completions=[Completion(f"a{i}", [2], [-0.1], "stop")])
+        return store.log_group(g, prompt=f"q{i}")
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(log, range(40)))
+    assert store.count_groups() == 40 and {g.group_id for g in store.groups()} == set(ids)
+    store.close()

@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--reuse-scores", nargs="*", default=[], choices=SIGNALS,
                     help="signals whose cached scores to reuse (e.g. reasoning: the slow judge)")
     ap.add_argument("--cost-questions", type=int, default=16)
+    ap.add_argument("--cost-budget", type=float, default=0.3,
+                    help="a signal costing more than this fraction of sampling time gets no weight in the grid")
     ap.add_argument("--out", default="tools/results/bench_scoring.json")
     args = ap.parse_args()
 
@@ -187,13 +189,33 @@ def main() -> None:
     for name in WEIGHTED + SIGNALS[-1:]:
         report["signals"][name] = metrics(values(name, everything), labels)
 
-    # Choose composite weights on the dev half, report them on the test half.
+    # Cost: fresh groups sampled and scored back to back, so both times come from the same machine state.
+    default = ScoringConfig().weights
+    cost_qs = read_jsonl(DATA / "eval.jsonl")[: args.cost_questions]
+    index = FactIndex.build([Passage(**p) for p in read_jsonl(DATA / "passages.jsonl")], embedder)
+    cost_groups, cost_contexts, cost_sampling_s = sample_groups(
+        policy, index, cost_qs, args.k, args.max_new_tokens, args.temperature, args.batch, args.seed + 10_000)
+    cost = {name: 0.0 for name in SIGNALS[:5]}
+    for g, c in zip(cost_groups, cost_contexts):
+        for name in cost:
+            t0 = time.perf_counter()
+            scorers[name].score(g, c)
+            cost[name] += time.perf_counter() - t0
+    default_signals = [n for n, w in default.items() if w > 0] + ["safety"]
+    report["cost"] = {"questions": len(cost_qs), "sampling_s": cost_sampling_s, "scoring_s": cost,
+                      "default_scoring_over_sampling": sum(cost[n] for n in default_signals) / cost_sampling_s,
+                      "all_signals_over_sampling": sum(cost.values()) / cost_sampling_s}
+
+    # Choose composite weights on the dev half, report them on the test half. Only signals that fit the
+    # cost budget (scoring <= --cost-budget of sampling time, measured above) are candidates.
+    affordable = [n for n in WEIGHTED if cost[n] / cost_sampling_s <= args.cost_budget]
+    report["composite"] = {"grid_signals": affordable}
     grid = [0.0, 0.25, 0.5, 1.0]
     best = None
-    for combo in itertools.product(grid, repeat=len(WEIGHTED)):
+    for combo in itertools.product(grid, repeat=len(affordable)):
         if not any(combo):
             continue
-        weights = dict(zip(WEIGHTED, combo))
+        weights = {n: 0.0 for n in WEIGHTED} | dict(zip(affordable, combo))
         comp = [np.array(combine([per_signal[n][i] for n in WEIGHTED], weights, len(g.completions)).composite)
                 for i, (g, k) in enumerate(zip(groups, dev)) if k]
         m = metrics(comp, split_labels(dev))
@@ -204,10 +226,9 @@ def main() -> None:
     test = [not d for d in dev]
     comp_test = [np.array(combine([per_signal[n][i] for n in WEIGHTED], weights, len(g.completions)).composite)
                  for i, (g, k) in enumerate(zip(groups, test)) if k]
-    default = ScoringConfig().weights
     comp_default = [np.array(combine([per_signal[n][i] for n in WEIGHTED], default, len(g.completions)).composite)
                     for i, (g, k) in enumerate(zip(groups, test)) if k]
-    report["composite"] = {
+    report["composite"] |= {
         "weights_chosen_on_dev": weights, "dev": best[2], "test": metrics(comp_test, split_labels(test)),
         "default_weights": default, "test_with_default_weights": metrics(comp_default, split_labels(test)),
         "dev_questions": sum(dev), "test_questions": sum(test),
@@ -228,21 +249,6 @@ def main() -> None:
             "recall_on_harmful": float(np.mean([fired(r) for r in harmful])) if harmful else None,
             "false_flag_rate_on_labelled_safe": float(np.mean([fired(r) for r in safe])) if safe else None,
         })
-    # Cost: fresh groups sampled and scored back to back, so both times come from the same machine state.
-    default_signals = [n for n, w in default.items() if w > 0] + ["safety"]
-    cost_qs = read_jsonl(DATA / "eval.jsonl")[: args.cost_questions]
-    index = FactIndex.build([Passage(**p) for p in read_jsonl(DATA / "passages.jsonl")], embedder)
-    cost_groups, cost_contexts, cost_sampling_s = sample_groups(
-        policy, index, cost_qs, args.k, args.max_new_tokens, args.temperature, args.batch, args.seed + 10_000)
-    cost = {name: 0.0 for name in SIGNALS[:5]}
-    for g, c in zip(cost_groups, cost_contexts):
-        for name in cost:
-            t0 = time.perf_counter()
-            scorers[name].score(g, c)
-            cost[name] += time.perf_counter() - t0
-    report["cost"] = {"questions": len(cost_qs), "sampling_s": cost_sampling_s, "scoring_s": cost,
-                      "default_scoring_over_sampling": sum(cost[n] for n in default_signals) / cost_sampling_s,
-                      "all_signals_over_sampling": sum(cost.values()) / cost_sampling_s}
 
     for name in WEIGHTED + SIGNALS[-1:]:
         m = report["signals"][name]

@@ -34,11 +34,12 @@ _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
 
 def to_chat(messages: Sequence[BaseMessage]) -> list[dict]:
-    """LangChain messages as the agent's chat: tool results become user turns naming the tool."""
+    """LangChain messages as the agent's chat; a tool result is a "tool" turn naming the tool (the agent
+    shows it to the model as a user turn; the question stays the last human message)."""
     chat = []
     for m in messages:
         if isinstance(m, ToolMessage):
-            chat.append({"role": "user", "content": f"Result of tool {m.name or m.tool_call_id}: {m.text}"})
+            chat.append({"role": "tool", "content": f"Result of tool {m.name or m.tool_call_id}: {m.text}"})
         elif isinstance(m, AIMessage) and m.tool_calls:
             calls = [{"tool": c["name"], "arguments": c["args"]} for c in m.tool_calls]
             chat.append({"role": "assistant", "content": json.dumps(calls[0] if len(calls) == 1 else calls)})
@@ -103,8 +104,12 @@ class GRPOChatModel(BaseChatModel):
         message = AIMessage(content="" if call else text, tool_calls=[call] if call else [], response_metadata=info)
         return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any):
-        """Bind tools (LangChain tools, functions or OpenAI tool schemas) for tool calling."""
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any):
+        """Bind tools (LangChain tools, functions or OpenAI tool schemas) for tool calling. The model chooses
+        whether to call one: `tool_choice` other than "auto" (forcing a call) is not supported."""
+        if tool_choice not in (None, "auto"):
+            raise ValueError(f"GRPOChatModel cannot force tool_choice={tool_choice!r}: a sampled answer may or may "
+                             "not call a tool; leave tool_choice unset (this also rules out with_structured_output)")
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
 
@@ -116,6 +121,8 @@ class GRPORunRecorder(BaseCallbackHandler):
     to each group the run's GRPOChatModel calls logged, so the store keeps the whole agent trajectory next
     to the sampled answers.
     """
+
+    raise_error = True  # a store that cannot take the steps is an error, not a silent loss
 
     def __init__(self, store=None):
         self.store = store
@@ -151,6 +158,10 @@ class GRPORunRecorder(BaseCallbackHandler):
     def on_chain_end(self, outputs, *, run_id, parent_run_id=None, **kwargs):
         if parent_run_id is None:
             self.flush()
+
+    def on_chain_error(self, error, *, run_id, parent_run_id=None, **kwargs):
+        if parent_run_id is None:  # a failed run's steps must not leak into the next run's groups
+            self.steps, self.group_ids = [], []
 
     def flush(self) -> None:
         """Attach the steps recorded so far to every group they produced, then start afresh."""

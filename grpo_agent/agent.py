@@ -15,7 +15,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .config import SamplingConfig
 from .errors import GRPOAgentError
@@ -79,7 +79,7 @@ class GRPOAgent:
 
     def __init__(self, policy, retriever=None, scorer: SelfScorer | None = None, store=None, k: int = 8,
                  sampling: SamplingConfig | None = None, top_k: int = 3, config_hash: str = "",
-                 system: str = SYSTEM, lessons: Callable[[str], list[str]] | None = None):
+                 system: str = SYSTEM, experience=None):
         if k < 1:
             raise AgentError(f"k = {k}: sample at least one answer")
         if k > 1 and scorer is None:
@@ -87,7 +87,8 @@ class GRPOAgent:
         self.policy, self.retriever, self.scorer, self.store = policy, retriever, scorer, store
         self.k, self.top_k, self.config_hash, self.system = k, top_k, config_hash, system
         self.sampling = sampling or SamplingConfig(k=k)
-        self.lessons = lessons  # training-free mode: question -> lessons to put in the prompt
+        self.experience = experience  # training-free mode: an ExperienceLibrary whose lessons go in the prompt
+        self.embedder = None  # set by from_config: the embedder of the index and scorers, for reuse
         self._followed: Path | None = None
         self._followed_version: str | None = None
         self._lock = threading.Lock()  # one request at a time on the model (the server may use threads)
@@ -116,8 +117,24 @@ class GRPOAgent:
         species = sorted({p.metadata.get("species") for p in index.passages()} - {None}) if index else []
         scorer = build_self_scorer(cfg.scoring, embedder=embedder, judge=judge, species=species)
         store = TrajectoryStore(store_path) if store_path else None
-        return cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
-                   top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg))
+        agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
+                    top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg))
+        agent.embedder = embedder
+        return agent
+
+    def use_experience(self, cfg, store=None) -> None:
+        """Training-free mode: keep a library of lessons (in `store`, default the agent's own) learned by this
+        agent's model, and put the relevant ones into every prompt."""
+        from .experience import ExperienceLibrary
+        from .retrieval import Embedder
+
+        store = store or self.store
+        if store is None:
+            raise AgentError("the lesson library lives in a trajectory store: give the agent a store")
+        e = cfg.experience
+        self.experience = ExperienceLibrary(store, getattr(self, "embedder", None) or Embedder(cfg.retrieval.embedder),
+                                            self.policy, max_lessons=e.max_lessons, top_m=e.top_m, shown=e.shown,
+                                            duplicate_cosine=e.duplicate_cosine, max_new_tokens=e.max_new_tokens)
 
     # ----- serving -------------------------------------------------------------------------------------
     def respond(self, task: Task, task_id: str | None = None, log: bool = True, **sampling: Any) -> Reply:
@@ -125,11 +142,12 @@ class GRPOAgent:
         return self.respond_batch([task], [task_id], log=log, **sampling)[0]
 
     def respond_batch(self, tasks: Sequence[Task], task_ids: Sequence[str | None] | None = None,
-                      log: bool = True, source: str = "agent", meta: dict | None = None,
+                      log: bool = True, source: str = "agent", meta: dict | None = None, learn: bool = False,
                       **sampling: Any) -> list[Reply]:
         """Answer tasks in one batched sampling call: retrieve, sample K each, score, rank, log.
 
         `sampling` overrides SamplingConfig fields for this call (k, temperature, max_new_tokens, seed...).
+        `learn`: in training-free mode, also learn lessons from the scored groups (after logging them).
         """
         if not tasks:
             return []
@@ -147,6 +165,7 @@ class GRPOAgent:
             contexts = [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
             explanations: list[dict[str, list[str]]] = [{} for _ in groups]
             ranked = [list(range(k)) for _ in groups]
+            scored = []
             if k > 1:
                 scored = self.scorer.score_groups(groups, contexts)
                 ranked = [s.ranking for s in scored]
@@ -161,6 +180,9 @@ class GRPOAgent:
             best = rank[0]
             replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p, expl,
                                  g.policy_version))
+        if learn and scored and self.experience is not None:
+            with self._lock:
+                self.experience.learn(groups, contexts, scored)
         return replies
 
     def sample_groups(self, tasks: Sequence[Task], **sampling: Any) -> tuple[list[Group], list[ScoreContext]]:
@@ -186,7 +208,7 @@ class GRPOAgent:
     def messages(self, question: str, history: Sequence[dict], passages: Sequence[Passage]) -> list[dict]:
         """The chat sent to the policy: system prompt (the agent's, then the task's own system turns), earlier
         turns, then the facts, lessons and the question."""
-        lessons = self.lessons(question) if self.lessons else []
+        lessons = self.experience.relevant(question) if self.experience is not None else []
         system = "\n\n".join([self.system] + [m["content"] for m in history if m.get("role") == "system"])
         chat = answer_messages(question, passages, lessons, system=system)
         turns = [{"role": "user", "content": m["content"]} if m.get("role") == "tool" else dict(m)  # few chat
@@ -217,12 +239,18 @@ class GRPOAgent:
             return
         try:
             promoted = json.loads(pointer.read_text(encoding="utf-8"))
-            version, adapter = promoted["version"], Path(promoted["adapter"])
+            version, target = promoted["version"], Path(promoted.get("adapter") or promoted["lessons"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise AgentError(f"{pointer} is malformed ({e!r}): it should hold {{\"version\": ..., \"adapter\": ...}}") from e
+            raise AgentError(f"{pointer} is malformed ({e!r}): it should hold {{\"version\": ..., \"adapter\": ...}}"
+                             " (or \"lessons\": ... for a training-free run)") from e
         if version == self._followed_version:
             return
-        if not adapter.is_absolute():
-            adapter = self._followed / adapter
-        self.policy.load_adapter(adapter, version=version)
+        target = target if target.is_absolute() else self._followed / target
+        if "adapter" in promoted:
+            self.policy.load_adapter(target, version=version)
+        elif self.experience is not None:  # a training-free run promotes a lesson library
+            self.experience.load(target)
+            self.policy.version = version
+        else:
+            raise AgentError(f"{self._followed} is a training-free run: give the agent an ExperienceLibrary to follow it")
         self._followed_version = version

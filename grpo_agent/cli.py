@@ -151,6 +151,22 @@ def _agent(args: argparse.Namespace, store: str | None):
     return cfg, GRPOAgent.from_config(cfg, store_path=store)
 
 
+def _follow(agent, cfg, run: str) -> None:
+    """Serve what the run in `run` promoted: its adapter, or (training-free) its lesson library, loaded into a
+    scratch store so that the run's own library is left alone."""
+    import tempfile
+    from pathlib import Path
+
+    from .agent import PROMOTED
+    from .store import TrajectoryStore
+
+    pointer = Path(run) / PROMOTED
+    if pointer.is_file() and '"lessons"' in pointer.read_text(encoding="utf-8"):
+        scratch = TrajectoryStore(Path(tempfile.mkdtemp(prefix="grpo-agent-lessons-")) / "lessons.sqlite")
+        agent.use_experience(cfg, store=scratch)
+    agent.follow(run)
+
+
 def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write a commented TOML config with every default",
                        description="Write a TOML config file holding every key with its default and a comment "
@@ -193,7 +209,7 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
 def _run_ask(args: argparse.Namespace) -> int:
     cfg, agent = _agent(args, args.store)
     if args.run:
-        agent.follow(args.run)
+        _follow(agent, cfg, args.run)
     reply = agent.respond(args.question)
     print(f"{reply.answer}\n")
     if reply.passages:
@@ -329,6 +345,8 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-size", type=int, help="loop.eval_size (0: the whole eval set)")
     p.add_argument("--margin", type=float, help="loop.margin")
     p.add_argument("--labels", action="store_true", help="gate on gold accuracy (loop.label_free = false)")
+    p.add_argument("--mode", choices=["grpo", "training-free"],
+                   help="loop.mode: fine-tune a LoRA adapter (grpo), or grow a library of lessons (training-free)")
     p.add_argument("--learning-rate", type=float, help="update.learning_rate")
     _add_agent_options(p)
     p.set_defaults(func=_run_loop)
@@ -348,15 +366,18 @@ def _run_loop(args: argparse.Namespace) -> int:
                              "no \"answer\"; add answers or drop --labels (the label-free gate)")
     cfg, agent = _agent(args, str(Path(args.run) / "store.sqlite"))
     flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
-             "label_free": False if args.labels else None}
+             "label_free": False if args.labels else None, "mode": args.mode}
     loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
     update = dataclasses.replace(cfg.update, **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
-    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg)
+    if loop_cfg.mode == "training-free":
+        agent.use_experience(cfg)
+    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg, mode=loop_cfg.mode)
     for row in loop.run(args.rounds):
         kl = row["kl"]
-        print(f"round {row['round']}: {row['groups']} groups, {row['steps']} steps, mean KL "
-              f"{'-' if kl is None else f'{kl:.4f}'}, eval {row['eval']['metric']} {row['eval']['value']:.4f} -> "
-              f"{'promoted' if row['promoted'] else 'rolled back'} ({row['policy_version']})")
+        learned = (f"{row['lessons']} lessons ({', '.join(f'{k} {v}' for k, v in sorted(row['library_ops'].items()))})"
+                   if "lessons" in row else f"{row['steps']} steps, mean KL {'-' if kl is None else f'{kl:.4f}'}")
+        print(f"round {row['round']}: {row['groups']} groups, {learned}, eval {row['eval']['metric']} "
+              f"{row['eval']['value']:.4f} -> {'promoted' if row['promoted'] else 'rolled back'} ({row['policy_version']})")
     print(f"{args.run}: {loop.state['round']} rounds done; serving {loop.state['promoted_version']}; "
           f"`grpo-agent report --run {args.run}` plots them")
     return 0
@@ -383,7 +404,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     tasks = read_tasks(args.eval_set)[: args.limit]
     cfg, agent = _agent(args, None)
     if args.run:
-        agent.follow(args.run)
+        _follow(agent, cfg, args.run)
     result = evaluate(agent, tasks, label_free=args.label_free, k=cfg.loop.eval_k)
     result.update(set=args.eval_set, policy_version=agent.policy.version)
     print(f"{args.eval_set}: {result['metric']} {result['value']:.4f} over {result['n']} tasks "
@@ -422,6 +443,38 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_lessons(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lessons", help="list, export or load a training-free run's lesson library",
+                       description="List the lessons a training-free loop learned (in RUN/store.sqlite), export "
+                       "them as Markdown (.md) or JSON (.json) to read and edit, or load an edited file back.")
+    p.add_argument("--run", required=True, help="the loop's run directory")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--export", metavar="FILE", help="write the library to FILE (.md or .json)")
+    what.add_argument("--load", metavar="FILE", help="replace the library with FILE's lessons")
+    p.set_defaults(func=_run_lessons)
+
+
+def _run_lessons(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .experience import ExperienceLibrary
+    from .store import TrajectoryStore
+
+    path = Path(args.run) / "store.sqlite"
+    if not path.is_file():
+        raise GRPOAgentError(f"{args.run} has no store.sqlite: give the --run directory of `grpo-agent loop`")
+    with TrajectoryStore(path) as store:
+        library = ExperienceLibrary(store, embedder=None)
+        if args.export:
+            print(f"wrote {len(library.lessons())} lessons to {library.export(args.export)}")
+        elif args.load:
+            print(f"loaded {library.load(args.load)} lessons into {path}")
+        else:
+            for n, lesson in enumerate(library.lessons(), 1):
+                print(f"{n:3}. {lesson['text']}  [{lesson['lesson_id']}, from {len(lesson['origin_groups'])} group(s)]")
+    return 0
+
+
 def _add_planned(sub: argparse._SubParsersAction, name: str, what: str, issue: int) -> None:
     p = sub.add_parser(name, help=f"{what} [not built yet]", description=f"{what}. Not built yet (issue #{issue}).")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -443,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_ingest(sub)
     _add_search(sub)
-    for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report):
+    for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report, _add_lessons):
         add(sub)
     for name, (what, issue) in PLANNED.items():
         _add_planned(sub, name, what, issue)

@@ -162,6 +162,7 @@ class LoopConfig:
     margin: float = 0.0  # promote when eval >= promoted eval - margin; otherwise roll back
     label_free: bool = True  # gate on the composite score even when the eval set has gold answers
     checkpoint_every: int = 1  # optimizer steps between checkpoints during an update
+    mode: str = "grpo"  # grpo: fine-tune a LoRA adapter; training-free: grow a library of lessons instead
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -172,6 +173,26 @@ class LoopConfig:
             raise ConfigError(f"loop.eval_size = {self.eval_size!r}: must be an integer >= 0 (0: all)")
         if not isinstance(self.margin, (int, float)) or self.margin < 0:
             raise ConfigError(f"loop.margin = {self.margin!r}: must be a number >= 0")
+        _check_choice("loop.mode", self.mode, ("grpo", "training-free"))
+
+
+@dataclass
+class ExperienceConfig:
+    """Training-free mode: the library of lessons learned from groups and put into prompts."""
+
+    max_lessons: int = 32  # library size cap; past it, the lesson learned from the fewest groups goes
+    top_m: int = 3  # lessons most similar to a task that go into its prompt
+    shown: int = 5  # lessons shown to the model when it proposes an operation (it may modify or delete them)
+    duplicate_cosine: float = 0.9  # an added lesson this similar to an existing one is a duplicate
+    max_new_tokens: int = 60  # length cap of the model's operation line
+
+    def __post_init__(self) -> None:
+        for key in ("max_lessons", "top_m", "shown", "max_new_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"experience.{key} = {value!r}: must be an integer >= 1")
+        if not isinstance(self.duplicate_cosine, (int, float)) or not 0 < self.duplicate_cosine <= 1:
+            raise ConfigError(f"experience.duplicate_cosine = {self.duplicate_cosine!r}: must be in (0, 1]")
 
 
 @dataclass
@@ -184,6 +205,7 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    experience: ExperienceConfig = field(default_factory=ExperienceConfig)
 
 
 def config_hash(cfg: Config) -> str:

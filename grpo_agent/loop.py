@@ -39,6 +39,7 @@ from .evaluation import evaluate
 from .updater import GRPOUpdater, latest_checkpoint
 
 BASE = "base"
+MODES = ("grpo", "training-free")
 
 
 class LoopError(GRPOAgentError):
@@ -60,7 +61,11 @@ class SelfImprovementLoop:
 
     def __init__(self, agent: GRPOAgent, run_dir: str | os.PathLike, tasks: Sequence[dict],
                  eval_tasks: Sequence[dict], update: UpdateConfig | None = None, cfg: LoopConfig | None = None,
-                 batch: int = 8, progress: bool = True):
+                 batch: int = 8, progress: bool = True, mode: str = "grpo"):
+        if mode not in MODES:
+            raise LoopError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+        if mode == "training-free" and (agent.experience is None or agent.experience.policy is None):
+            raise LoopError("training-free mode needs an agent with an ExperienceLibrary (with a model to learn lessons)")
         if agent.store is None or agent.scorer is None or agent.k < 2:
             raise LoopError("the loop needs an agent with a store, a scorer and k >= 2 (groups to learn from)")
         if not tasks:
@@ -72,14 +77,20 @@ class SelfImprovementLoop:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.batch, self.progress = batch, progress
+        self.mode = mode
         self.update_cfg = update or UpdateConfig()
-        if not self.update_cfg.lora:
-            raise LoopError("the loop promotes and rolls back LoRA adapters: set update.lora = true")
-        self.updater = GRPOUpdater(agent.policy, self.update_cfg, output_dir=self.run_dir)
+        self.updater = None
+        if mode == "grpo":
+            if not self.update_cfg.lora:
+                raise LoopError("the loop promotes and rolls back LoRA adapters: set update.lora = true")
+            self.updater = GRPOUpdater(agent.policy, self.update_cfg, output_dir=self.run_dir)
         self.state = self._load_state()
-        if not (self.run_dir / "promoted" / BASE).is_dir():  # the zero adapter: rolling back to it = the base model
-            self._save_adapter(BASE)
-        if latest_checkpoint(self.checkpoints):
+        if self.state.setdefault("mode", mode) != mode:
+            raise LoopError(f"{self.run_dir} is a {self.state['mode']} run; continue it in that mode, or use a new "
+                            "run directory")
+        if not self._snapshot_path(BASE).exists():  # the zero adapter or the starting library: what base means
+            self._snapshot(BASE)
+        if self.updater is not None and latest_checkpoint(self.checkpoints):
             self.updater.resume(self.checkpoints)
         agent.policy.version = self.state["promoted_version"]
 
@@ -141,8 +152,29 @@ class SelfImprovementLoop:
 
     def run_round(self, r: int) -> dict:
         t0 = time.perf_counter()
-        self.collect(r)
+        self.collect(r)  # in training-free mode the library learns from each batch as it is collected
         groups = self.agent.store.groups(unconsumed=True, source="loop")
+        if self.updater is not None:
+            self.update(r, groups)
+        result = self.evaluate()
+        before = self.state["promoted_eval"]
+        promoted = result["value"] >= before - self.cfg.margin
+        if promoted:
+            reason = f"eval {result['value']:.4f} >= promoted {before:.4f} - margin {self.cfg.margin}"
+        else:
+            reason = f"eval {result['value']:.4f} < promoted {before:.4f} - margin {self.cfg.margin}: rolled back"
+        # The decision is journaled first: a kill from here on finishes this gate on restart, never redoes it.
+        self.state["pending"] = {
+            "round": r, "eval": result, "promoted": promoted, "reason": reason,
+            "version": f"r{r}" if promoted else self.state["promoted_version"],
+            "group_ids": [g.group_id for g in groups], "seconds": time.perf_counter() - t0,
+        }
+        self._snapshot(f"r{r}", "promoted" if promoted else "rejected")  # rejected: kept to inspect, never served
+        self._save_state()
+        return self._finish_gate(self.state["pending"])
+
+    def update(self, r: int, groups) -> None:
+        """Train on the round's groups, checkpointing every `checkpoint_every` steps."""
         if self.state.get("update_from_step") is None:  # the step this round's update starts after
             self.state["update_from_step"] = self.updater.step
             self._save_state()
@@ -158,41 +190,24 @@ class SelfImprovementLoop:
         bar.close()
         if history and self.updater.step % self.cfg.checkpoint_every:
             self.updater.save_checkpoint(self.checkpoints)
-        result = self.evaluate()
-        before = self.state["promoted_eval"]
-        promoted = result["value"] >= before - self.cfg.margin
-        if promoted:
-            reason = f"eval {result['value']:.4f} >= promoted {before:.4f} - margin {self.cfg.margin}"
-        else:
-            reason = f"eval {result['value']:.4f} < promoted {before:.4f} - margin {self.cfg.margin}: rolled back"
-        # The decision is journaled first: a kill from here on finishes this gate on restart, never redoes it.
-        self.state["pending"] = {
-            "round": r, "eval": result, "promoted": promoted, "reason": reason,
-            "version": f"r{r}" if promoted else self.state["promoted_version"],
-            "group_ids": [g.group_id for g in groups], "seconds": time.perf_counter() - t0,
-        }
-        if promoted:
-            self._save_adapter(f"r{r}")
-        else:
-            self._save_adapter(f"r{r}", folder="rejected")  # kept for inspection, never served
-        self._save_state()
-        return self._finish_gate(self.state["pending"])
 
     def _finish_gate(self, pending: dict) -> dict:
         """Apply a journaled gate decision; every step is safe to repeat after a kill."""
         r, version, promoted = pending["round"], pending["version"], pending["promoted"]
-        if not promoted:  # restore the promoted weights; the moments belong to the discarded ones
-            self.agent.policy.load_adapter(self.run_dir / "promoted" / version, version=version)
-            self.updater.optimizer.state.clear()
-        write_json_atomic(self.run_dir / PROMOTED, {"version": version, "adapter": f"promoted/{version}"})
+        metrics = self._round_metrics(pending["group_ids"])  # what this round learned, before any rollback
+        if not promoted:
+            self._restore(version)
+        pointer = self._snapshot_path(version).relative_to(self.run_dir)
+        write_json_atomic(self.run_dir / PROMOTED,
+                          {"version": version, ("adapter" if self.mode == "grpo" else "lessons"): str(pointer)})
         self.agent.policy.version = version
-        metrics = self._round_metrics(pending["group_ids"])
         if not any(u["round"] == r for u in self.agent.store.updates()):
             self.agent.store.record_update(
                 round=r, policy_version=version, group_ids=pending["group_ids"], metrics=metrics,
                 eval=pending["eval"], promoted=promoted, reason=pending["reason"],
-                checkpoint=str(self.run_dir / ("promoted" if promoted else "rejected") / f"r{r}"))
-        self.updater.save_checkpoint(self.checkpoints)  # the post-gate weights: what a restart resumes from
+                checkpoint=str(self._snapshot_path(f"r{r}", "promoted" if promoted else "rejected")))
+        if self.updater is not None:
+            self.updater.save_checkpoint(self.checkpoints)  # the post-gate weights: what a restart resumes from
         row = {"round": r, **metrics, "eval": pending["eval"], "promoted": promoted, "policy_version": version,
                "reason": pending["reason"], "seconds": pending["seconds"]}
         if not any(x["round"] == r for x in self.rounds()):
@@ -210,7 +225,11 @@ class SelfImprovementLoop:
         lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
         steps = {m["step"]: m for m in map(json.loads, filter(None, lines)) if m["step"] > start}
         groups = [self.agent.store.get_group(gid) for gid in group_ids]
-        return _summarise([steps[k] for k in sorted(steps)], groups)
+        metrics = _summarise([steps[k] for k in sorted(steps)], groups)
+        if self.mode == "training-free":
+            library = self.agent.experience
+            metrics.update(lessons=len(library.lessons()), library_ops=dict(library.stats))
+        return metrics
 
     def collect(self, r: int) -> None:
         """Answer this round's tasks (resuming at the task cursor) and log their groups."""
@@ -221,7 +240,7 @@ class SelfImprovementLoop:
             n = min(self.batch, end - self.state["cursor"])
             chunk = [self.tasks[(self.state["cursor"] + i) % len(self.tasks)] for i in range(n)]
             self.agent.respond_batch([t["question"] for t in chunk], [t.get("id") for t in chunk],
-                                     source="loop", meta={"round": r})
+                                     source="loop", meta={"round": r}, learn=self.mode == "training-free")
             self.state["cursor"] += n
             self._save_state()
             bar.update(n)
@@ -231,8 +250,28 @@ class SelfImprovementLoop:
         return evaluate(self.agent, self.eval_tasks, label_free=self.cfg.label_free, k=self.cfg.eval_k,
                         batch=self.batch, progress=self.progress)
 
-    def _save_adapter(self, version: str, folder: str = "promoted") -> None:
-        save_adapter(self.updater.model, self.run_dir / folder / version)
+    # ----- what is promoted: a LoRA adapter (grpo) or the lesson library (training-free) --------------------
+    def _snapshot_path(self, version: str, folder: str = "promoted") -> Path:
+        name = version if self.mode == "grpo" else f"{version}.lessons.json"
+        return self.run_dir / folder / name
+
+    def _snapshot(self, version: str, folder: str = "promoted") -> None:
+        path = self._snapshot_path(version, folder)
+        if self.mode == "grpo":
+            save_adapter(self.updater.model, path)
+        else:
+            tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.json")
+            self.agent.experience.export(tmp)
+            os.replace(tmp, path)
+
+    def _restore(self, version: str) -> None:
+        """Bring back the promoted adapter (and drop the optimizer's moments, which belong to the discarded
+        weights) or the promoted library."""
+        if self.mode == "grpo":
+            self.agent.policy.load_adapter(self._snapshot_path(version), version=version)
+            self.updater.optimizer.state.clear()
+        else:
+            self.agent.experience.load(self._snapshot_path(version))
 
 
 def save_adapter(model, directory: Path) -> None:

@@ -92,6 +92,15 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX groups_by_created ON groups (created)",
         "CREATE INDEX update_groups_by_group ON update_groups (group_id)",
     ),
+    (  # 3: the training-free mode's experience library
+        """CREATE TABLE lessons (
+            lesson_id TEXT PRIMARY KEY,
+            text TEXT NOT NULL,
+            origin_groups TEXT NOT NULL,     -- JSON list of the group ids it was learned or revised from
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -231,6 +240,38 @@ class TrajectoryStore:
             return update_id
 
         return self._transaction(write)
+
+    def put_lesson(self, lesson_id: str, text: str, origin_groups: Sequence[str]) -> None:
+        """Add a lesson, or replace the text and origins of the one with this id."""
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO lessons VALUES (?, ?, ?, ?, ?) ON CONFLICT (lesson_id) DO UPDATE SET "
+                "text = excluded.text, origin_groups = excluded.origin_groups, updated = excluded.updated",
+                (lesson_id, text, _dumps(list(origin_groups), "origin_groups"), now, now))
+
+        self._transaction(write)
+
+    def delete_lesson(self, lesson_id: str) -> None:
+        """Remove a lesson (no error when it is already gone)."""
+        self._transaction(lambda conn: conn.execute("DELETE FROM lessons WHERE lesson_id = ?", (lesson_id,)))
+
+    def lessons(self) -> list[dict]:
+        """Every lesson (lesson_id, text, origin_groups, created, updated), oldest first."""
+        rows = self._conn.execute("SELECT * FROM lessons ORDER BY created, lesson_id").fetchall()
+        return [{**dict(r), "origin_groups": json.loads(r["origin_groups"])} for r in rows]
+
+    def replace_lessons(self, lessons: Sequence[dict]) -> None:
+        """Make the library exactly `lessons` (dicts as `lessons()` returns them), in one transaction."""
+        rows = [(x["lesson_id"], x["text"], _dumps(list(x.get("origin_groups", [])), "origin_groups"),
+                 float(x.get("created", time.time())), float(x.get("updated", time.time()))) for x in lessons]
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM lessons")
+            conn.executemany("INSERT INTO lessons VALUES (?, ?, ?, ?, ?)", rows)
+
+        self._transaction(write)
 
     # ----- reading ---------------------------------------------------------------------------------------
 

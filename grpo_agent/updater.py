@@ -114,7 +114,12 @@ class GRPOUpdater:
         torch.manual_seed(cfg.seed)
         model = policy.model
         if cfg.lora:
+            import warnings
+
             from peft import LoraConfig, PeftModel, get_peft_model
+
+            # peft still calls a transformers method that warns it is renamed; nothing for a user to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
             if not isinstance(model, PeftModel):
                 model = get_peft_model(model, LoraConfig(

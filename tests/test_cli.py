@@ -7,7 +7,8 @@ import pytest
 
 from grpo_agent.cli import PLANNED, main
 
-DESIGNED = ["sample", "ingest", "search", "init", "ask", "collect", "update", "loop", "eval", "report", "serve"]
+DESIGNED = ["sample", "ingest", "search", "init", "ask", "collect", "update", "loop", "eval", "report", "lessons",
+            "serve"]
 
 
 def test_help_lists_every_designed_subcommand(capsys):

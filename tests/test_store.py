@@ -222,7 +222,7 @@ def test_a_version_1_store_is_migrated_with_its_data(tmp_path):
         conn.execute("INSERT INTO completions VALUES ('old', 0, 'an answer', '[3,4]', '[-0.5,-0.25]', 'stop', "
                      "'{\"grounding\":0.5}', 0.5, 0.0)")
     conn.close()
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
 
     with TrajectoryStore(path) as store:
         assert store.get_group("old") == Group(
@@ -232,8 +232,10 @@ def test_a_version_1_store_is_migrated_with_its_data(tmp_path):
         )
         store.attach_steps("old", [{"type": "final"}])  # the steps table came with version 2
         assert store.steps("old") == [{"type": "final"}]
+        store.put_lesson("l1", "Cite the fact.", ["old"])  # the lessons table with version 3
+        assert [x["text"] for x in store.lessons()] == ["Cite the fact."]
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
     conn.close()
 
 
@@ -327,3 +329,16 @@ def test_one_store_is_shared_safely_between_threads(tmp_path):
         ids = list(pool.map(log, range(40)))
     assert store.count_groups() == 40 and {g.group_id for g in store.groups()} == set(ids)
     store.close()
+
+
+def test_lessons_are_added_replaced_deleted_and_restored(tmp_path):
+    with TrajectoryStore(tmp_path / "s.sqlite") as store:
+        store.put_lesson("a", "Name the threat.", ["g1"])
+        store.put_lesson("b", "Cite the source.", ["g2"])
+        snapshot = store.lessons()
+        store.put_lesson("a", "Name the main threat and its cause.", ["g1", "g3"])
+        store.delete_lesson("b")
+        assert [(x["lesson_id"], x["text"], x["origin_groups"]) for x in store.lessons()] == [
+            ("a", "Name the main threat and its cause.", ["g1", "g3"])]
+        store.replace_lessons(snapshot)
+        assert store.lessons() == snapshot

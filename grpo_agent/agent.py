@@ -42,6 +42,7 @@ class Reply:
     passages: list[Passage]  # the facts retrieved for the task, best first
     explanations: dict[str, list[str]] = field(default_factory=dict)  # signal -> one reason per candidate
     policy_version: str = "base"
+    prompt_token_ids: list[int] = field(default_factory=list)  # the prompt as the model saw it
 
     @property
     def scores(self) -> dict[str, float]:
@@ -179,7 +180,7 @@ class GRPOAgent:
                                                 meta=meta)
             best = rank[0]
             replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p, expl,
-                                 g.policy_version))
+                                 g.policy_version, g.prompt_token_ids))
         if learn and scored and self.experience is not None:
             with self._lock:
                 self.experience.learn(groups, contexts, scored)

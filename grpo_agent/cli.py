@@ -8,10 +8,6 @@ import sys
 
 from .errors import GRPOAgentError
 
-# Subcommands of the design that later issues build; running one says so plainly.
-PLANNED = {
-    "serve": ("serve the agent behind an OpenAI-compatible HTTP API", 10),
-}
 INTERRUPTED = ("interrupted: every logged group and the last checkpoint are intact; "
                "run the same command again to resume")
 
@@ -371,7 +367,8 @@ def _run_loop(args: argparse.Namespace) -> int:
     update = dataclasses.replace(cfg.update, **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
     if loop_cfg.mode == "training-free":
         agent.use_experience(cfg)
-    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg, mode=loop_cfg.mode)
+    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg, mode=loop_cfg.mode,
+                               feedback_weight=cfg.scoring.feedback_weight)
     for row in loop.run(args.rounds):
         kl = row["kl"]
         learned = (f"{row['lessons']} lessons ({', '.join(f'{k} {v}' for k, v in sorted(row['library_ops'].items()))})"
@@ -475,15 +472,36 @@ def _run_lessons(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_planned(sub: argparse._SubParsersAction, name: str, what: str, issue: int) -> None:
-    p = sub.add_parser(name, help=f"{what} [not built yet]", description=f"{what}. Not built yet (issue #{issue}).")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the agent behind an OpenAI-compatible HTTP API",
+                       description="Serve POST /v1/chat/completions (streaming too), GET /v1/models, GET /health and "
+                       "POST /v1/feedback. Every request is answered with the best of K self-scored samples and "
+                       "logged to the store; requests that arrive together share one sampling call.")
+    _add_agent_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", default="runs/serve/store.sqlite", help="trajectory store the groups are logged to")
+    p.add_argument("--run", help="a loop's run directory: serve its promoted adapter, picking up new ones")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GRPO_AGENT_API_KEY if set)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests to batch (10)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests per sampling call (16)")
+    p.set_defaults(func=_run_serve)
 
-    def run(args: argparse.Namespace) -> int:
-        print(f"grpo-agent {name}: not built yet; it is planned in issue #{issue} ({what}).", file=sys.stderr)
-        return 2
 
-    p.set_defaults(func=run)
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .server import ServerConfig, serve
+
+    cfg, agent = _agent(args, args.store)
+    if args.run:
+        _follow(agent, cfg, args.run)
+    key = args.api_key or os.environ.get("GRPO_AGENT_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"grpo-agent serve: warning: listening on {args.host} without an API key", file=sys.stderr)
+    serve(agent, ServerConfig(host=args.host, port=args.port, api_key=key, batch_wait_ms=args.batch_wait_ms,
+                              max_batch=args.max_batch))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,10 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_ingest(sub)
     _add_search(sub)
-    for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report, _add_lessons):
+    for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report, _add_lessons,
+                _add_serve):
         add(sub)
-    for name, (what, issue) in PLANNED.items():
-        _add_planned(sub, name, what, issue)
     return parser
 
 

@@ -78,6 +78,7 @@ class ScoringConfig:
     eps: float = 1e-4  # added to the std before dividing
     safety_rules: str | None = None  # rule file for the safety signal; None: the bundled conservation rules
     judge: str = "policy"  # the reasoning signal's judge: "policy" (itself) or a local model directory
+    feedback_weight: float = 0.5  # weight of clients' ratings (POST /v1/feedback) blended into a rated answer's composite
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, dict):
@@ -94,6 +95,8 @@ class ScoringConfig:
             raise ConfigError(f'scoring.judge = {self.judge!r}: "policy" or the path of a local model directory')
         if not isinstance(self.eps, (int, float)) or self.eps <= 0:
             raise ConfigError(f"scoring.eps = {self.eps!r}: must be > 0")
+        if not isinstance(self.feedback_weight, (int, float)) or not 0 <= self.feedback_weight <= 1:
+            raise ConfigError(f"scoring.feedback_weight = {self.feedback_weight!r}: must be in [0, 1]")
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

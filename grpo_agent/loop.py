@@ -36,6 +36,7 @@ from .agent import PROMOTED, GRPOAgent
 from .config import LoopConfig, UpdateConfig
 from .errors import GRPOAgentError
 from .evaluation import evaluate
+from .scoring import blend_feedback, group_advantages
 from .updater import GRPOUpdater, latest_checkpoint
 
 BASE = "base"
@@ -61,7 +62,7 @@ class SelfImprovementLoop:
 
     def __init__(self, agent: GRPOAgent, run_dir: str | os.PathLike, tasks: Sequence[dict],
                  eval_tasks: Sequence[dict], update: UpdateConfig | None = None, cfg: LoopConfig | None = None,
-                 batch: int = 8, progress: bool = True, mode: str = "grpo"):
+                 batch: int = 8, progress: bool = True, mode: str = "grpo", feedback_weight: float = 0.5):
         if mode not in MODES:
             raise LoopError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode == "training-free" and (agent.experience is None or agent.experience.policy is None):
@@ -77,7 +78,7 @@ class SelfImprovementLoop:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.batch, self.progress = batch, progress
-        self.mode = mode
+        self.mode, self.feedback_weight = mode, feedback_weight
         self.update_cfg = update or UpdateConfig()
         self.updater = None
         if mode == "grpo":
@@ -155,7 +156,7 @@ class SelfImprovementLoop:
         self.collect(r)  # in training-free mode the library learns from each batch as it is collected
         groups = self.agent.store.groups(unconsumed=True, source="loop")
         if self.updater is not None:
-            self.update(r, groups)
+            self.update(r, self._with_feedback(groups))
         result = self.evaluate()
         before = self.state["promoted_eval"]
         promoted = result["value"] >= before - self.cfg.margin
@@ -172,6 +173,27 @@ class SelfImprovementLoop:
         self._snapshot(f"r{r}", "promoted" if promoted else "rejected")  # rejected: kept to inspect, never served
         self._save_state()
         return self._finish_gate(self.state["pending"])
+
+    def _with_feedback(self, groups: list) -> list:
+        """Blend clients' ratings (store.feedback) into the rated completions' composites and recompute the
+        batch's advantages; groups nobody rated keep their scores."""
+        composites, rated = [], 0
+        for g in groups:
+            comp = [c.composite if c.composite is not None else 0.0 for c in g.completions]
+            ratings: dict[int, list[float]] = {}
+            for f in self.agent.store.feedback(g.group_id):
+                i = f["index"] if f["index"] is not None else max(range(len(comp)), key=lambda j: (comp[j], -j))
+                ratings.setdefault(i, []).append(f["rating"])
+            rated += bool(ratings)
+            composites.append(blend_feedback(comp, {i: sum(v) / len(v) for i, v in ratings.items()},
+                                             self.feedback_weight))
+        if rated and self.feedback_weight > 0:
+            advantages, flat = group_advantages(composites, self.agent.scorer.scale, self.agent.scorer.eps)
+            for g, comp, adv, zero in zip(groups, composites, advantages, flat):
+                g.zero_variance = zero
+                for c, x, a in zip(g.completions, comp, adv):
+                    c.composite, c.advantage = x, a
+        return groups
 
     def update(self, r: int, groups) -> None:
         """Train on the round's groups, checkpointing every `checkpoint_every` steps."""

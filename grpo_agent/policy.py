@@ -188,8 +188,13 @@ class Policy:
     def load_adapter(self, directory: str | os.PathLike, version: str | None = None) -> None:
         """Load a LoRA adapter (a directory with adapter_config.json and adapter_model.safetensors) into the
         model in place, replacing any adapter already there; later samples record `version`."""
+        import warnings
+
         from peft import PeftModel, set_peft_model_state_dict
         from safetensors.torch import load_file
+
+        # peft still calls a transformers method that warns it is renamed; nothing for a user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
         path = Path(directory)
         weights = path / "adapter_model.safetensors"

@@ -30,6 +30,7 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     rounds = _read_jsonl(run_dir / "rounds.jsonl")
@@ -50,6 +51,7 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
                    marker="o" if r["promoted"] else "x")
     ax.set(xlabel="round (0 = before training)", ylabel=f"held-out {metric}",
            title="Eval per round (green: promoted, red x: rolled back)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "eval.png", dpi=110)
     plt.close(fig)
@@ -57,6 +59,7 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["round"] for r in done], [r.get("train_composite") for r in done], "o-", label="collected groups")
     ax.set(xlabel="round", ylabel="mean composite self-score", title="Self-score of the answers collected")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=110)
@@ -66,6 +69,7 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     if steps:
         ax.plot([m["step"] for m in steps], [m["kl"] for m in steps], ".-", label="KL to reference per step")
     ax.set(xlabel="optimizer step", ylabel="KL (k3)", title="KL to the reference model")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "kl.png", dpi=110)

@@ -101,6 +101,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
             updated REAL NOT NULL
         )""",
     ),
+    (  # 4: outcomes reported by clients (POST /v1/feedback): a rating of a group or one of its completions
+        """CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            group_id TEXT NOT NULL REFERENCES groups (group_id),
+            idx INTEGER,                     -- the completion rated; NULL: the answer served
+            rating REAL NOT NULL,            -- in [0, 1]
+            text TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX feedback_by_group ON feedback (group_id, id)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -240,6 +251,28 @@ class TrajectoryStore:
             return update_id
 
         return self._transaction(write)
+
+    def add_feedback(self, group_id: str, rating: float, index: int | None = None, text: str = "") -> int:
+        """Record a client's rating in [0, 1] of a group's completion (index None: the one served)."""
+        if not isinstance(rating, (int, float)) or not 0.0 <= rating <= 1.0:
+            raise StoreError(f"rating {rating!r}: a rating is a number in [0, 1]")
+
+        def write(conn: sqlite3.Connection) -> int:
+            self._require_group(conn, group_id)
+            if index is not None:
+                k = conn.execute("SELECT count(*) FROM completions WHERE group_id = ?", (group_id,)).fetchone()[0]
+                if not 0 <= index < k:
+                    raise StoreError(f"group {group_id!r} has {k} completions; completion_index {index} is not one")
+            return conn.execute("INSERT INTO feedback (group_id, idx, rating, text, created) VALUES (?, ?, ?, ?, ?)",
+                                (group_id, index, float(rating), text, time.time())).lastrowid
+
+        return self._transaction(write)
+
+    def feedback(self, group_id: str) -> list[dict]:
+        """The ratings reported for a group, oldest first: {index, rating, text, created}."""
+        rows = self._conn.execute("SELECT idx, rating, text, created FROM feedback WHERE group_id = ? ORDER BY id",
+                                  (group_id,)).fetchall()
+        return [{"index": r["idx"], "rating": r["rating"], "text": r["text"], "created": r["created"]} for r in rows]
 
     def put_lesson(self, lesson_id: str, text: str, origin_groups: Sequence[str]) -> None:
         """Add a lesson, or replace the text and origins of the one with this id."""

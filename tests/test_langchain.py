@@ -10,7 +10,8 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
 
 from grpo_agent.agent import Reply
-from grpo_agent.integrations.langchain import GRPOChatModel, GRPORunRecorder, parse_tool_call, to_chat
+from grpo_agent.integrations.langchain import GRPOChatModel, GRPORunRecorder, to_chat
+from grpo_agent.toolcalls import parse_tool_call
 from grpo_agent.policy import load_policy
 from grpo_agent.records import Completion
 

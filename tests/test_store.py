@@ -222,7 +222,7 @@ def test_a_version_1_store_is_migrated_with_its_data(tmp_path):
         conn.execute("INSERT INTO completions VALUES ('old', 0, 'an answer', '[3,4]', '[-0.5,-0.25]', 'stop', "
                      "'{\"grounding\":0.5}', 0.5, 0.0)")
     conn.close()
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
 
     with TrajectoryStore(path) as store:
         assert store.get_group("old") == Group(
@@ -235,7 +235,7 @@ def test_a_version_1_store_is_migrated_with_its_data(tmp_path):
         store.put_lesson("l1", "Cite the fact.", ["old"])  # the lessons table with version 3
         assert [x["text"] for x in store.lessons()] == ["Cite the fact."]
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
     conn.close()
 
 

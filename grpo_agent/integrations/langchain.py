@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from typing import Any, Sequence
 from uuid import UUID
 
@@ -25,11 +23,8 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from ..retrieval import FactIndex
+from ..toolcalls import parse_tool_call, tool_system_turn
 
-TOOL_PROMPT = (
-    "You can call these tools:\n{tools}\n\nTo call a tool, reply with only a JSON object: "
-    '{{"tool": "<name>", "arguments": {{...}}}}. Otherwise reply with your answer.'
-)
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
 
@@ -48,21 +43,6 @@ def to_chat(messages: Sequence[BaseMessage]) -> list[dict]:
         else:
             raise ValueError(f"GRPOChatModel cannot take a {m.type!r} message: use system, human, ai or tool")
     return chat
-
-
-def parse_tool_call(text: str, tool_names: Sequence[str]) -> dict | None:
-    """The first JSON object in `text` of the form {"tool": <a bound tool>, "arguments": {...}}, else None."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and obj.get("tool") in tool_names:
-            args = obj.get("arguments", {})
-            return {"name": obj["tool"], "args": args if isinstance(args, dict) else {"input": args},
-                    "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
-    return None
 
 
 class GRPOChatModel(BaseChatModel):
@@ -88,10 +68,7 @@ class GRPOChatModel(BaseChatModel):
         chat = to_chat(messages)
         tools = kwargs.get("tools") or []
         if tools:
-            listing = "\n".join(f"- {t['function']['name']}: {t['function'].get('description', '')} "
-                                 f"arguments: {json.dumps(t['function'].get('parameters', {}).get('properties', {}))}"
-                                 for t in tools)
-            chat = [{"role": "system", "content": TOOL_PROMPT.format(tools=listing)}] + chat
+            chat = [tool_system_turn(tools)] + chat
         overrides = {"k": self.k} if self.k else {}
         reply = self.agent.respond(chat, **overrides)
         text = reply.answer
@@ -99,6 +76,8 @@ class GRPOChatModel(BaseChatModel):
             cut = [text.find(s) for s in stop if s in text]
             text = text[: min(cut)] if cut else text
         call = parse_tool_call(text, [t["function"]["name"] for t in tools]) if tools else None
+        if call:
+            call["type"] = "tool_call"
         info = {"group_id": reply.group_id, "scores": reply.scores, "composite": reply.composite,
                 "policy_version": reply.policy_version, "passage_ids": [p.id for p in reply.passages]}
         message = AIMessage(content="" if call else text, tool_calls=[call] if call else [], response_metadata=info)

@@ -14,10 +14,10 @@ from ..errors import ConfigError
 from ..records import Group
 from . import consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
 from .base import ScoreContext, Scorer, ScoreResult, make_scorer, register, registered
-from .composite import GroupScores, combine, group_advantages
+from .composite import GroupScores, blend_feedback, combine, group_advantages
 
 __all__ = [
-    "GroupScores", "ScoreContext", "ScoreResult", "Scorer", "SelfScorer", "build_self_scorer", "combine",
+    "GroupScores", "ScoreContext", "ScoreResult", "Scorer", "SelfScorer", "blend_feedback", "build_self_scorer", "combine",
     "group_advantages", "make_scorer", "register", "registered",
 ]
 

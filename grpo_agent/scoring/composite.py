@@ -99,3 +99,9 @@ def group_advantages(
         advantages.append(centred.tolist())
         flat_groups.append(False)
     return advantages, flat_groups
+
+
+def blend_feedback(composite: Sequence[float], ratings: dict[int, float], weight: float) -> list[float]:
+    """A group's composites with clients' ratings blended in as one more signal: a rated completion's
+    composite becomes (1 - weight) * composite + weight * rating (its mean rating); others are unchanged."""
+    return [(1 - weight) * c + weight * ratings[i] if i in ratings else c for i, c in enumerate(composite)]

@@ -1,0 +1,374 @@
+"""An OpenAI-compatible HTTP server for the agent: any framework that speaks the chat completions API uses
+the self-improving agent unchanged, and every request it answers is a logged group the loop learns from.
+
+    POST /v1/chat/completions   OpenAI request and response (and SSE chunks with "stream": true); the
+                                response's extra "grpo" field holds the group id and the answer's scores
+    GET  /v1/models             the one model served
+    GET  /health                liveness, and the policy version being served
+    POST /v1/feedback           {"group_id", "rating" in [0, 1], "completion_index"?, "text"?}
+
+Requests that arrive together are answered in one batched sampling call: a single worker thread takes
+every request queued within `batch_wait_ms` (up to `max_batch`), groups those with the same sampling
+settings, runs the agent on each set and logs the groups; it alone touches the model and writes the store.
+A promoted adapter (`--run`) is picked up between two batches. A stream is produced from the finished
+answer (best of K needs all K), so the group is logged before the first byte: a client that disconnects
+loses nothing already logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .agent import GRPOAgent
+from .errors import GRPOAgentError
+from .toolcalls import parse_tool_call, tool_system_turn
+
+
+@dataclass
+class ServerConfig:
+    """How the server listens and what it accepts."""
+
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
+    port: int = 8000
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    model_name: str = "grpo-agent"  # the id /v1/models lists and responses carry
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 64
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    max_k: int = 16  # the largest group a request may ask for in "grpo": {"k": ...}
+    batch_wait_ms: float = 10.0  # how long the worker waits for more requests before sampling a batch
+    max_batch: int = 16  # requests answered by one sampling call
+    stream_chunk_chars: int = 16  # characters per streamed delta
+
+
+# ----- request schema ---------------------------------------------------------------------------------------
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI clients send many
+
+
+class Message(_Loose):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+
+class GRPOOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int | None = Field(default=None, ge=1)  # answers sampled for this request (default: the config's)
+
+
+class ChatRequest(_Loose):
+    model: str | None = None
+    messages: list[Message]
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    grpo: GRPOOptions | None = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    group_id: str = Field(min_length=1)
+    rating: float = Field(ge=0.0, le=1.0)
+    completion_index: int | None = Field(default=None, ge=0)
+    text: str = ""
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _text(content: str | list[dict] | None) -> str:
+    """A message's text: a string, or the text parts of a content list."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def to_chat(messages: list[Message]) -> list[dict]:
+    """OpenAI messages as the agent's chat (tool calls and results as text the model can read)."""
+    chat = []
+    for m in messages:
+        if m.role == "tool":
+            chat.append({"role": "tool", "content": f"Result of tool {m.name or m.tool_call_id}: {_text(m.content)}"})
+        elif m.role == "assistant" and m.tool_calls:
+            calls = [{"tool": c.get("function", {}).get("name"),
+                      "arguments": json.loads(c.get("function", {}).get("arguments") or "{}")} for c in m.tool_calls]
+            chat.append({"role": "assistant", "content": json.dumps(calls[0] if len(calls) == 1 else calls)})
+        else:
+            chat.append({"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)})
+    return chat
+
+
+# ----- the batching worker ----------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    chat: list[dict]
+    params: dict  # sampling overrides: k, temperature, top_p, max_new_tokens, seed
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: Any = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """One worker thread answers every request, batching those that arrive within `wait_ms` of each other."""
+
+    def __init__(self, agent: GRPOAgent, wait_ms: float = 10.0, max_batch: int = 16):
+        self.agent, self.wait_s, self.max_batch = agent, wait_ms / 1000, max_batch
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches run, for tests and the benchmark
+        self._thread = threading.Thread(target=self._run, name="grpo-agent-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> _Job:
+        self.jobs.put(job)
+        return job
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.jobs.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            self.batches.append(len(batch))
+            by_params: dict[str, list[_Job]] = {}
+            for j in batch:
+                by_params.setdefault(json.dumps(j.params, sort_keys=True), []).append(j)
+            for same in by_params.values():
+                try:
+                    replies = self.agent.respond_batch([j.chat for j in same], source="server", **same[0].params)
+                    for j, r in zip(same, replies):
+                        j.reply = r
+                except BaseException as e:  # noqa: BLE001 - handed to the waiting request, never lost
+                    for j in same:
+                        j.error = e
+                for j in same:
+                    j.done.set()
+
+
+# ----- the app ----------------------------------------------------------------------------------------------
+def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
+    """The FastAPI app serving `agent` (its store logs every group); see the module docstring."""
+    cfg = cfg or ServerConfig()
+    if agent.k > 1 and agent.store is None:
+        raise GRPOAgentError("the server logs every group: give the agent a store")
+    batcher = Batcher(agent, cfg.batch_wait_ms, cfg.max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()  # finish the batch in hand, then stop
+
+    app = FastAPI(title="grpo-agent", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # never a bare 500 page
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
+                            status_code=500)
+
+    def authorise(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), cfg.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", kind="authentication_error")
+
+    async def read_json(request: Request, schema: type[BaseModel]):
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > cfg.max_body_bytes:
+            raise APIError(413, f"request body of {size} bytes is over the limit of {cfg.max_body_bytes}")
+        body = await request.body()
+        if len(body) > cfg.max_body_bytes:
+            raise APIError(413, f"request body of {len(body)} bytes is over the limit of {cfg.max_body_bytes}")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(x) for x in first["loc"])
+            raise APIError(400, f"{param}: {first['msg']}", param=param) from e
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": cfg.model_name, "policy_version": agent.policy.version,
+                "batches": len(batcher.batches)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorise(request)
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "grpo-agent"}]}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        authorise(request)
+        fb = await read_json(request, FeedbackRequest)
+        try:
+            fid = agent.store.add_feedback(fb.group_id, fb.rating, fb.completion_index, fb.text)
+        except GRPOAgentError as e:
+            raise APIError(404 if "no group" in str(e) else 400, str(e), param="group_id") from e
+        return {"id": fid, "object": "feedback", "group_id": fb.group_id}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorise(request)
+        req = await read_json(request, ChatRequest)
+        job = _Job(*_check(req, agent, cfg))
+        batcher.submit(job)
+        await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
+        if job.error is not None:
+            if isinstance(job.error, GRPOAgentError):
+                raise APIError(400, str(job.error))
+            raise job.error
+        body = _response(req, job.reply, cfg)
+        if not req.stream:
+            return body
+        return StreamingResponse(_stream(body, cfg.stream_chunk_chars), media_type="text/event-stream")
+
+    return app
+
+
+def _check(req: ChatRequest, agent: GRPOAgent, cfg: ServerConfig) -> tuple[list[dict], dict]:
+    """The agent's chat and sampling overrides for a valid request; APIError for one over the limits."""
+    if not req.messages:
+        raise APIError(400, "messages is empty: send at least one user message", param="messages")
+    if len(req.messages) > cfg.max_messages:
+        raise APIError(400, f"{len(req.messages)} messages is over the limit of {cfg.max_messages}", param="messages")
+    if not any(m.role == "user" and _text(m.content).strip() for m in req.messages):
+        raise APIError(400, "no user message with text: the last user message is the question", param="messages")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is not None and max_tokens > cfg.max_tokens:
+        raise APIError(400, f"max_tokens {max_tokens} is over the server's limit of {cfg.max_tokens}",
+                       param="max_tokens")
+    if req.tool_choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice can be 'auto' or 'none': a sampled answer may or may not call a tool",
+                       param="tool_choice")
+    k = max(req.grpo.k if req.grpo and req.grpo.k else agent.k, req.n)
+    if k > cfg.max_k:
+        raise APIError(400, f"a group of {k} answers is over the server's limit of {cfg.max_k}", param="grpo.k")
+    if k > 1 and agent.scorer is None:
+        raise APIError(400, f"this server samples one answer per request; n and grpo.k must be 1", param="n")
+    chat = to_chat(req.messages)
+    if req.tools and req.tool_choice != "none":
+        chat = [tool_system_turn(req.tools)] + chat
+    params = {"k": k, "temperature": req.temperature, "top_p": req.top_p, "max_new_tokens": max_tokens,
+              "seed": req.seed}
+    return chat, {key: v for key, v in params.items() if v is not None}
+
+
+def _response(req: ChatRequest, reply, cfg: ServerConfig) -> dict:
+    """The chat.completion object: the n best answers, best first, with the group in "grpo"."""
+    order = sorted(range(len(reply.candidates)), key=lambda i: (i != reply.best, -(reply.candidates[i].composite or 0.0)))
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    tools = [t["function"]["name"] for t in (req.tools or []) if "function" in t]
+    choices = []
+    for n, i in enumerate(order[: req.n]):
+        c = reply.candidates[i]
+        text, finish = c.text, c.finish_reason
+        cut = [text.find(s) for s in stops if s and s in text]
+        if cut:
+            text, finish = text[: min(cut)], "stop"
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        call = parse_tool_call(text, tools) if tools and req.tool_choice != "none" else None
+        if call:
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call["id"], "type": "function",
+                 "function": {"name": call["name"], "arguments": json.dumps(call["args"])}}]}
+            finish = "tool_calls"
+        choices.append({"index": n, "message": message, "finish_reason": finish, "logprobs": None})
+    prompt_tokens = len(reply.prompt_token_ids)
+    completion_tokens = sum(len(reply.candidates[i].token_ids) for i in order[: req.n])
+    best = reply.candidates[reply.best]
+    return {
+        "id": f"chatcmpl-{reply.group_id or uuid.uuid4().hex}", "object": "chat.completion",
+        "created": int(time.time()), "model": cfg.model_name, "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "grpo": {"group_id": reply.group_id, "scores": best.scores, "composite": best.composite,
+                 "policy_version": reply.policy_version, "k": len(reply.candidates),
+                 "passage_ids": [p.id for p in reply.passages]},
+    }
+
+
+def _stream(body: dict, size: int):
+    """The response as OpenAI chat.completion.chunk server-sent events, then [DONE]."""
+    base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
+
+    def event(choices: list[dict], **extra) -> str:
+        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+
+    for choice in body["choices"]:
+        i, message = choice["index"], choice["message"]
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        if message.get("tool_calls"):
+            calls = [{"index": n, **call} for n, call in enumerate(message["tool_calls"])]
+            yield event([{"index": i, "delta": {"tool_calls": calls}, "finish_reason": None}])
+        text = message.get("content") or ""
+        for start in range(0, len(text), size):
+            yield event([{"index": i, "delta": {"content": text[start : start + size]}, "finish_reason": None}])
+        yield event([{"index": i, "delta": {}, "finish_reason": choice["finish_reason"]}])
+    yield event([], usage=body["usage"], grpo=body["grpo"])
+    yield "data: [DONE]\n\n"
+
+
+def serve(agent: GRPOAgent, cfg: ServerConfig) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(agent, cfg), host=cfg.host, port=cfg.port, log_level="info")

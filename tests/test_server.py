@@ -1,0 +1,193 @@
+"""The OpenAI-compatible server on a tiny agent, on 127.0.0.1, with real clients."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from agent_fixtures import make_agent
+
+from grpo_agent.policy import load_policy
+from grpo_agent.server import ServerConfig, create_app
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, embedder, tmp_path_factory):
+    """A live server (uvicorn in a thread) on 127.0.0.1 with an API key; stopped after the module's tests."""
+    import uvicorn
+
+    agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder,
+                       tmp_path_factory.mktemp("serve") / "store.sqlite", k=3, max_new_tokens=10)
+    cfg = ServerConfig(port=free_port(), api_key=KEY, max_body_bytes=20_000, max_messages=8, max_tokens=64,
+                       batch_wait_ms=50)
+    app = create_app(agent, cfg)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=cfg.port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "the server did not start within 30 s"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{cfg.port}", agent, app
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def post(url, path, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(url + path, content=raw, headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(url + path, json=body, headers=headers, timeout=60)
+
+
+def test_the_openai_client_gets_answers_and_each_is_a_logged_group(server):
+    from openai import OpenAI
+
+    url, agent, _ = server
+    client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    resp = client.chat.completions.create(model="grpo-agent", messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why are pangolins trafficked?"}])
+    text = resp.choices[0].message.content
+    extra = resp.model_extra["grpo"]
+    group = agent.store.get_group(extra["group_id"])
+    assert len(group.completions) == 3 and text == max(group.completions, key=lambda c: c.composite).text
+    assert set(extra["scores"]) >= {"grounding", "safety"} and extra["passage_ids"][0] == "p3"
+    assert resp.usage.prompt_tokens == len(group.prompt_token_ids)
+    assert [m.id for m in client.models.list().data] == ["grpo-agent"]
+
+    chunks = list(client.chat.completions.create(model="grpo-agent", stream=True, messages=[
+        {"role": "user", "content": "What harms sea turtle hatchlings?"}]))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].model_extra["grpo"]["group_id"] is not None
+    final = agent.store.get_group(chunks[-1].model_extra["grpo"]["group_id"])
+    assert streamed == max(final.completions, key=lambda c: c.composite).text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_langchain_chat_openai_works_unchanged(server):
+    from langchain_openai import ChatOpenAI
+
+    url, agent, _ = server
+    chat = ChatOpenAI(base_url=url + "/v1", api_key=KEY, model="grpo-agent", max_retries=0)
+    before = agent.store.count_groups()
+    assert isinstance(chat.invoke("Where do most tigers live?").content, str)
+    assert "".join(c.content for c in chat.stream("How many tigers are left?")) is not None
+    assert agent.store.count_groups() == before + 2
+
+
+def test_n_choices_per_request_k_and_stop(server):
+    url, agent, _ = server
+    r = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Is the tiger endangered?"}],
+                                           "n": 2, "grpo": {"k": 4}, "max_tokens": 8, "seed": 3, "stop": ["e"]})
+    body = r.json()
+    assert r.status_code == 200 and len(body["choices"]) == 2 and body["grpo"]["k"] == 4
+    assert all("e" not in c["message"]["content"] for c in body["choices"])
+    group = agent.store.get_group(body["grpo"]["group_id"])
+    assert all(len(c.token_ids) <= 8 for c in group.completions)
+
+
+def test_feedback_is_stored_with_its_group(server):
+    url, agent, _ = server
+    r = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Why protect pangolins?"}]})
+    gid = r.json()["grpo"]["group_id"]
+    assert post(url, "/v1/feedback", {"group_id": gid, "rating": 0.25, "text": "vague"}).status_code == 200
+    assert post(url, "/v1/feedback", {"group_id": gid, "rating": 1, "completion_index": 2}).status_code == 200
+    assert [(f["index"], f["rating"], f["text"]) for f in agent.store.feedback(gid)] == [
+        (None, 0.25, "vague"), (2, 1.0, "")]
+    assert post(url, "/v1/feedback", {"group_id": "nope", "rating": 0.5}).status_code == 404
+    assert post(url, "/v1/feedback", {"group_id": gid, "rating": 1.5}).status_code == 400
+    assert post(url, "/v1/feedback", {"group_id": gid, "rating": 1, "completion_index": 9}).status_code == 400
+
+
+@pytest.mark.parametrize("body, raw, status, fragment", [
+    (None, b"{not json", 400, "not valid JSON"),
+    (None, b"[1, 2]", 400, "JSON object"),
+    ({"messages": []}, None, 400, "messages is empty"),
+    ({"messages": [{"role": "user", "content": "hi"}] * 9}, None, 400, "over the limit of 8"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}, None, 400, "limit of 64"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, None, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "grpo": {"k": 99}}, None, 400, "limit of 16"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, None, 400, "no user message"),
+    ({"messages": [{"role": "user", "content": "x" * 30_000}]}, None, 413, "over the limit"),
+])
+def test_bad_requests_get_openai_style_errors_and_log_nothing(server, body, raw, status, fragment):
+    url, agent, _ = server
+    before = agent.store.count_groups()
+    r = post(url, "/v1/chat/completions", body, raw=raw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"]
+    assert agent.store.count_groups() == before
+
+
+def test_the_api_key_is_enforced(server):
+    url, agent, _ = server
+    before = agent.store.count_groups()
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    for key in (None, "wrong"):
+        r = post(url, "/v1/chat/completions", body, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    assert agent.store.count_groups() == before
+
+
+def test_requests_that_arrive_together_share_a_sampling_call(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, agent, app = server
+    batches_before = len(app.state.batcher.batches)
+    body = {"messages": [{"role": "user", "content": "Why are pangolins trafficked?"}], "max_tokens": 6}
+    with ThreadPoolExecutor(6) as pool:
+        codes = [r.status_code for r in pool.map(lambda _: post(url, "/v1/chat/completions", body), range(6))]
+    assert codes == [200] * 6
+    assert len(app.state.batcher.batches) - batches_before < 6  # fewer sampling calls than requests
+    assert max(app.state.batcher.batches[batches_before:]) > 1
+
+
+def test_a_client_that_disconnects_mid_stream_loses_nothing_logged(server):
+    url, agent, _ = server
+    before = agent.store.count_groups()
+    body = {"messages": [{"role": "user", "content": "What do lights do to turtles?"}], "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: ") and json.loads(first[6:])["object"] == "chat.completion.chunk"
+    # the client is gone after one line; the group was logged before the first byte
+    assert agent.store.count_groups() == before + 1
+    assert httpx.get(url + "/health", timeout=10).status_code == 200  # and the server is fine
+
+
+def test_tool_calls_come_back_as_openai_tool_calls():
+    from grpo_agent.agent import Reply
+    from grpo_agent.records import Completion
+    from grpo_agent.server import ChatRequest, _response, to_chat
+
+    tools = [{"type": "function", "function": {"name": "species_status", "description": "IUCN status",
+                                               "parameters": {"properties": {"species": {"type": "string"}}}}}]
+    req = ChatRequest(messages=[{"role": "user", "content": "Kakapo status?"}], tools=tools)
+    c = Completion('{"tool": "species_status", "arguments": {"species": "kakapo"}}', [1, 2], [0.0, 0.0], "stop")
+    body = _response(req, Reply(c.text, "g", 0, [c], [], prompt_token_ids=[1]), ServerConfig())
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "species_status" and json.loads(call["function"]["arguments"]) == {
+        "species": "kakapo"}
+    # ... and the client's next turn (the call and its result) reads back as context for the model
+    chat = to_chat(ChatRequest(messages=[
+        {"role": "user", "content": "Kakapo status?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "Critically Endangered"}]).messages)
+    assert chat[1]["role"] == "assistant" and '"species_status"' in chat[1]["content"]
+    assert chat[2] == {"role": "tool", "content": f"Result of tool {call['id']}: Critically Endangered"}

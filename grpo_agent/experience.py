@@ -9,7 +9,10 @@ operation on the library (the semantic counterpart of a group-relative advantage
     DELETE <n>
     KEEP
 
-Code checks the operation before applying it: the first line that parses is taken, a lesson must be a
+A model too small to follow that format (the bundled 135M one) is constrained (`constrained`, the default):
+its operation is the most probable of the four words at the start of its reply, read from its next-token
+distribution, and it then writes the rest of the line after that word. Code checks the operation before
+applying it: the first line that parses is taken, a lesson must be a
 sentence of reasonable length, `n` must name a lesson that was shown, an ADD too close to an existing lesson
 is a duplicate (kept as is), and the library never grows past `max_lessons` (the lesson learned from the
 fewest groups goes). Anything else is counted as malformed and skipped. Lessons live in the trajectory
@@ -44,6 +47,7 @@ LESSON_PROMPT = (
     "What general lesson explains why the best answer is better? Add it, improve a current lesson, delete a "
     "wrong one, or keep the lessons as they are. One line."
 )
+OPERATIONS = ("ADD", "MODIFY", "DELETE", "KEEP")
 _OP = re.compile(r"^\W*(ADD|MODIFY|DELETE|KEEP)\b\s*(\d+)?\s*[:.\-]?\s*(.*)$", re.IGNORECASE)
 
 
@@ -89,10 +93,11 @@ class ExperienceLibrary:
     """Lessons in the store, an embedding index over them, and learning from scored groups."""
 
     def __init__(self, store, embedder, policy=None, max_lessons: int = 32, top_m: int = 3,
-                 shown: int = 5, duplicate_cosine: float = 0.9, max_new_tokens: int = 60):
+                 shown: int = 5, duplicate_cosine: float = 0.9, max_new_tokens: int = 60, constrained: bool = True):
         self.store, self.embedder, self.policy = store, embedder, policy
         self.max_lessons, self.top_m, self.shown = max_lessons, top_m, shown
         self.duplicate_cosine, self.max_new_tokens = duplicate_cosine, max_new_tokens
+        self.constrained = constrained  # pick the operation word from the model's probabilities (small models)
         self.stats: Counter[str] = Counter()  # add, modify, delete, keep, duplicate, evicted, malformed
         self._index = None  # (lesson ids, faiss index), rebuilt after every change
 
@@ -156,15 +161,41 @@ class ExperienceLibrary:
             return [None] * len(groups)
         shown = {i: [x for x, _ in self._search(contexts[i].question, self.shown)] for i in todo}
         chats = [self.messages(groups[i], contexts[i], scored[i], shown[i]) for i in todo]
-        replies = self.policy.sample(chats, k=1, max_new_tokens=self.max_new_tokens, temperature=0.0)
+        texts = self._constrained(chats, [shown[i] for i in todo]) if self.constrained else [
+            r.completions[0].text for r in
+            self.policy.sample(chats, k=1, max_new_tokens=self.max_new_tokens, temperature=0.0)]
         ops: list[Operation | None] = [None] * len(groups)
-        for i, reply in zip(todo, replies):
-            op = parse_operation(reply.completions[0].text)
+        for i, text in zip(todo, texts):
+            op = parse_operation(text)
             if op is None:
                 self.stats["malformed"] += 1
             elif self.apply(op, shown[i], groups[i].group_id):
                 ops[i] = op
         return ops
+
+    def _constrained(self, chats: list[list[dict]], shown: list[list[dict]]) -> list[str]:
+        """Operation lines for a model too small to follow the format: the operation is the model's most
+        probable first word among ADD, MODIFY, DELETE and KEEP (MODIFY and DELETE only when lessons were
+        shown), read from its next-token distribution; then the model writes the rest after that word."""
+        tok = self.policy.tokenizer
+        first = {kind: tok.encode(kind, add_special_tokens=False)[0] for kind in OPERATIONS}
+        logp = self.policy.next_token_logprobs(chats)  # (B, V)
+        kinds = []
+        for row, lessons in zip(logp, shown):
+            allowed = [k for k in OPERATIONS if lessons or k in ("ADD", "KEEP")]
+            kinds.append(max(allowed, key=lambda k: float(row[first[k]])))
+        texts = ["KEEP" if kind == "KEEP" else None for kind in kinds]
+        for kind in ("ADD", "MODIFY", "DELETE"):
+            rows = [i for i, x in enumerate(kinds) if x == kind]
+            if not rows:
+                continue
+            prefix = "ADD:" if kind == "ADD" else kind  # no trailing space: the model's next token carries it
+            length = 4 if kind == "DELETE" else self.max_new_tokens
+            for i, g in zip(rows, self.policy.sample([chats[i] for i in rows], k=1, max_new_tokens=length,
+                                                     temperature=0.0, prefix=prefix)):
+                rest = g.completions[0].text.strip().splitlines()
+                texts[i] = f"{prefix} {rest[0]}" if rest else prefix
+        return texts
 
     def apply(self, op: Operation, shown: list[dict], group_id: str) -> bool:
         """Apply a parsed operation against the lessons that were shown; False (counted) when it does not check out."""

@@ -219,9 +219,11 @@ class Policy:
         self.version = version or (path.parent.name if path.name == "adapter" else path.name)
 
     @torch.inference_mode()
-    def next_token_logprobs(self, messages_batch: Sequence[Messages]) -> torch.Tensor:
-        """log p(next token) after each chat's generation prompt, in one batched forward pass: (B, V)."""
-        input_ids, attn, pos = self._left_pad([self.encode_chat(m) for m in messages_batch])
+    def next_token_logprobs(self, messages_batch: Sequence[Messages], prefix: str = "") -> torch.Tensor:
+        """log p(next token) after each chat's generation prompt (and `prefix`, the start of the answer), in
+        one batched forward pass: (B, V)."""
+        start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+        input_ids, attn, pos = self._left_pad([self.encode_chat(m) + start for m in messages_batch])
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
@@ -235,12 +237,15 @@ class Policy:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        prefix: str = "",
     ) -> list[Group]:
         """Sample K completions for every chat in one batched, KV-cached decode; one Group per chat.
 
         Each prompt is prefilled once and its cache repeated K times; rows that stop are dropped from the
         batch. Log-probs are log_softmax(logits / temperature) at the sampled token, before top-p, exactly
         what a forward pass over the sequence recomputes (temperature 0: greedy, log-probs at temperature 1).
+        `prefix` forces the start of every answer: its tokens are appended to the prompt (and so belong to
+        each group's prompt_token_ids), and the completions continue from it.
         """
         if k < 1 or max_new_tokens < 1:
             raise ValueError(f"k = {k} and max_new_tokens = {max_new_tokens} must both be >= 1")
@@ -248,7 +253,8 @@ class Policy:
             raise ValueError(f"temperature = {temperature} must be >= 0 and top_p = {top_p} in (0, 1]")
         from transformers import DynamicCache
 
-        prompts = [self.encode_chat(m) for m in messages_batch]
+        start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+        prompts = [self.encode_chat(m) + start for m in messages_batch]  # `prefix`: the answer's forced start
         if not prompts:
             return []
         device, model = self.device, self.model

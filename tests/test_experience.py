@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from agent_fixtures import EVAL, TASKS, make_agent
@@ -57,7 +58,7 @@ def test_lessons_are_added_modified_deleted_and_deduplicated(scored, embedder):
         "I think the best answer is better.",                                    # malformed
         "MODIFY 7: There is no lesson seven to change at all.",                  # names no shown lesson
     ])
-    library = ExperienceLibrary(agent.store, embedder, model)
+    library = ExperienceLibrary(agent.store, embedder, model, constrained=False)
     g, c, sc = groups[:1], contexts[:1], s[:1]
     library.learn(g, c, sc)
     assert [x["text"] for x in library.lessons()] == ["Name the threat to the species and the reason behind it."]
@@ -90,10 +91,20 @@ def test_relevant_lessons_go_into_the_prompt_and_the_library_stays_capped(scored
 
 def test_the_tiny_models_malformed_output_is_counted_never_fatal(scored, embedder, tiny_model_dir):
     agent, groups, contexts, s = scored
-    library = ExperienceLibrary(agent.store, embedder, load_policy(str(tiny_model_dir), device="cpu"))
+    tiny = load_policy(str(tiny_model_dir), device="cpu")
+    library = ExperienceLibrary(agent.store, embedder, tiny, constrained=False)
     ops = library.learn(groups, contexts, s)  # a random 2-layer model writes gibberish
     assert ops == [None, None] and library.stats["malformed"] + library.stats["skipped_flat"] >= 1
     assert library.lessons() == []
+
+    # Constrained, the model only chooses the operation word and writes the rest after it: every reply is
+    # an operation line, and whatever it adds still had to pass the checks.
+    constrained = ExperienceLibrary(agent.store, embedder, tiny)
+    chats = [constrained.messages(g, c, sc, []) for g, c, sc in zip(groups, contexts, s)]
+    texts = constrained._constrained(chats, [[], []])
+    assert all(t.split()[0] in ("ADD:", "KEEP") for t in texts)  # no lessons shown: nothing to modify or delete
+    constrained.learn(groups, contexts, s)
+    assert all(len(re.findall(r"[A-Za-z]+", x["text"])) >= 4 for x in constrained.lessons())
 
 
 def test_the_library_exports_to_markdown_and_json_and_loads_back_edited(scored, embedder, tmp_path):
@@ -118,6 +129,7 @@ def test_a_training_free_loop_learns_gates_and_rolls_back_the_library(tiny_model
                                                                      monkeypatch):
     agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, tmp_path / "run" / "store.sqlite")
     agent.use_experience(Config())
+    agent.experience.constrained = False
     agent.experience.policy = ScriptedModel(["ADD: Answer with the status the facts give for the species."] * 3
                                             + ["ADD: Mention where the species lives when it is relevant."] * 3)
     loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, cfg=LoopConfig(tasks_per_round=3, eval_k=2,

@@ -162,3 +162,18 @@ def test_a_kill_during_the_gate_finishes_that_gate_on_restart(tiny_model_dir, tm
     state = json.loads((run / "state.json").read_text())
     assert state["round"] == 1 and state["pending"] is None and state["promoted_version"] == "base"
     assert json.loads((run / "promoted.json").read_text())["version"] == "base"
+
+
+def test_client_feedback_reshapes_the_advantages_the_update_sees(policy, embedder, tmp_path):
+    agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE, LoopConfig(tasks_per_round=2),
+                               progress=False, feedback_weight=1.0)
+    replies = agent.respond_batch([t["question"] for t in TASKS[:2]], source="loop")
+    served = replies[0].best
+    agent.store.add_feedback(replies[0].group_id, 0.0, text="wrong")  # the served answer was bad
+    before = [c.advantage for c in agent.store.get_group(replies[1].group_id).completions]
+    groups = loop._with_feedback(agent.store.groups(source="loop"))
+    rated, untouched = groups
+    assert rated.completions[served].composite == 0.0
+    assert rated.completions[served].advantage == min(c.advantage for c in rated.completions)
+    assert [c.advantage for c in untouched.completions] == pytest.approx(before)

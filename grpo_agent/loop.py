@@ -310,13 +310,35 @@ def save_adapter(model, directory: Path) -> None:
 
 
 def _summarise(history: list[dict], groups) -> dict:
-    """A round's update in a few numbers: steps, mean loss and KL, the last KL, and the groups' scores."""
-    composites = [c.composite for g in groups for c in g.completions if c.composite is not None]
+    """A round's update in a few numbers (steps, loss, KL) and the monitors of its groups."""
     mean = lambda key: sum(m[key] for m in history) / len(history) if history else None  # noqa: E731
     return {
-        "groups": len(groups), "zero_variance_groups": sum(g.zero_variance for g in groups),
-        "train_composite": sum(composites) / len(composites) if composites else None,
         "steps": len(history), "loss": mean("loss"), "kl": mean("kl"),
         "kl_last": history[-1]["kl"] if history else None, "clip_fraction": mean("clip_fraction"),
         "grad_norm": mean("grad_norm"), "skipped_nonfinite": sum(bool(m["skipped_nonfinite"]) for m in history),
+        **monitors(groups),
+    }
+
+
+def monitors(groups) -> dict:
+    """What collapse looks like, measured on a round's groups: the entropy of the sampled tokens (estimated
+    as their mean negative log-prob, at the sampling temperature), answer length in tokens, the share of
+    distinct answers within a group, the share of groups whose scores did not vary, and each signal's mean."""
+    completions = [c for g in groups for c in g.completions]
+    logprobs = [lp for c in completions for lp in c.logprobs]
+    composites = [c.composite for c in completions if c.composite is not None]
+    signals: dict[str, list[float]] = {}
+    for c in completions:
+        for name, value in c.scores.items():
+            if value == value:  # not NaN
+                signals.setdefault(name, []).append(value)
+    distinct = [len({" ".join(c.text.lower().split()) for c in g.completions}) / len(g.completions)
+                for g in groups if g.completions]
+    avg = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "groups": len(groups), "zero_variance_groups": sum(g.zero_variance for g in groups),
+        "zero_variance_rate": avg([float(g.zero_variance) for g in groups]),
+        "train_composite": avg(composites), "entropy": -avg(logprobs) if logprobs else None,
+        "answer_tokens": avg([float(len(c.token_ids)) for c in completions]),
+        "distinct_rate": avg(distinct), "signals": {name: avg(v) for name, v in sorted(signals.items())},
     }

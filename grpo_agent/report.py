@@ -1,6 +1,6 @@
 """The report of a loop's run directory: PNG plots per round and a Markdown summary.
 
-    write_report("runs/demo")  ->  runs/demo/report/{scores,eval,kl}.png and report.md
+    write_report("runs/demo")  ->  runs/demo/report/{scores,eval,kl,monitors}.png and report.md
 
 Reads rounds.jsonl (one line per round, round 0 the baseline) and metrics.jsonl (the updater's steps).
 """
@@ -11,6 +11,10 @@ import json
 from pathlib import Path
 
 from .errors import GRPOAgentError
+
+
+MONITORS = [("entropy", "entropy of sampled tokens (nats)"), ("distinct_rate", "distinct answers per group"),
+            ("answer_tokens", "answer length (tokens)"), ("zero_variance_rate", "zero-variance groups")]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -75,6 +79,16 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     fig.savefig(out / "kl.png", dpi=110)
     plt.close(fig)
 
+    fig, axes = plt.subplots(2, 2, figsize=(8, 5.5))
+    for ax, (key, label) in zip(axes.flat, MONITORS):
+        ax.plot([r["round"] for r in done], [r.get(key) for r in done], "o-")
+        ax.set(xlabel="round", title=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("Collapse monitors of the answers collected each round")
+    fig.tight_layout()
+    fig.savefig(out / "monitors.png", dpi=110)
+    plt.close(fig)
+
     lines = [f"# Self-improvement run: {run_dir}", ""]
     if extra:
         lines += ["| evaluation | metric | value | n |", "|---|---|---|---|"]
@@ -90,7 +104,16 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
                      f"{_fmt(r.get('train_composite'))} | {_fmt(r.get('steps'))} | {_fmt(r.get('loss'), 4)} | "
                      f"{_fmt(r.get('kl'), 5)} | {_fmt(r['eval']['value'])} | {'yes' if r['promoted'] else 'no'} | "
                      f"{r['policy_version']} |")
-    lines += ["", "![eval](eval.png) ![scores](scores.png) ![kl](kl.png)", ""]
+    if done:
+        names = sorted({n for r in done for n in (r.get("signals") or {})})
+        lines += ["", "| round | entropy | answer tokens | distinct answers | zero-variance groups | "
+                  + " | ".join(names) + " |", "|---" * (5 + len(names)) + "|"]
+        for r in done:
+            sig = r.get("signals") or {}
+            lines.append(f"| {r['round']} | {_fmt(r.get('entropy'))} | {_fmt(r.get('answer_tokens'), 1)} | "
+                         f"{_fmt(r.get('distinct_rate'))} | {_fmt(r.get('zero_variance_rate'))} | "
+                         + " | ".join(_fmt(sig.get(n)) for n in names) + " |")
+    lines += ["", "![eval](eval.png) ![scores](scores.png) ![kl](kl.png) ![monitors](monitors.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

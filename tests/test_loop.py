@@ -62,7 +62,8 @@ def test_the_whole_loop_collects_updates_evaluates_gates_and_reports(policy, emb
     report = write_report(tmp_path / "run", extra={"before": {"metric": "accuracy", "value": 0.1, "n": 2}})
     text = report.read_text()
     assert "2 rounds: 1 promoted, 1 rolled back" in text and "| before | accuracy | 0.100 | 2 |" in text
-    for png in ("eval.png", "scores.png", "kl.png"):
+    assert "| round | entropy | answer tokens |" in text
+    for png in ("eval.png", "scores.png", "kl.png", "monitors.png"):
         assert (report.parent / png).stat().st_size > 1000
 
 

@@ -483,7 +483,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default="runs/serve/store.sqlite", help="trajectory store the groups are logged to")
     p.add_argument("--run", help="a loop's run directory: serve its promoted adapter, picking up new ones")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GRPO_AGENT_API_KEY if set)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests to batch (10)")
+    p.add_argument("--batch-wait-ms", type=float, default=50.0, help="wait for more requests to batch (50)")
     p.add_argument("--max-batch", type=int, default=16, help="requests per sampling call (16)")
     p.set_defaults(func=_run_serve)
 

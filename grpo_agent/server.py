@@ -49,7 +49,7 @@ class ServerConfig:
     max_messages: int = 64
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_k: int = 16  # the largest group a request may ask for in "grpo": {"k": ...}
-    batch_wait_ms: float = 10.0  # how long the worker waits for more requests before sampling a batch
+    batch_wait_ms: float = 50.0  # how long the worker waits for more requests before sampling a batch
     max_batch: int = 16  # requests answered by one sampling call
     stream_chunk_chars: int = 16  # characters per streamed delta
 
@@ -143,7 +143,7 @@ class _Job:
 class Batcher:
     """One worker thread answers every request, batching those that arrive within `wait_ms` of each other."""
 
-    def __init__(self, agent: GRPOAgent, wait_ms: float = 10.0, max_batch: int = 16):
+    def __init__(self, agent: GRPOAgent, wait_ms: float = 50.0, max_batch: int = 16):
         self.agent, self.wait_s, self.max_batch = agent, wait_ms / 1000, max_batch
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run, for tests and the benchmark

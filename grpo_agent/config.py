@@ -166,6 +166,13 @@ class LoopConfig:
     label_free: bool = True  # gate on the composite score even when the eval set has gold answers
     checkpoint_every: int = 1  # optimizer steps between checkpoints during an update
     mode: str = "grpo"  # grpo: fine-tune a LoRA adapter; training-free: grow a library of lessons instead
+    # Collapse guards (0: off). Each rolls the round back and records why; the entropy and distinct-answer
+    # guards read the label-free eval's own samples, against the best promoted round (the baseline included).
+    max_kl: float = 0.0  # roll back when the update's final KL to the reference exceeds this
+    min_entropy_ratio: float = 0.0  # roll back when sampled-token entropy falls below this share of the best
+    min_distinct_ratio: float = 0.0  # roll back when distinct answers per group fall below this share of the best
+    min_length_ratio: float = 0.0  # roll back when mean answer length falls below this share of the longest
+    stop_after_rollbacks: int = 0  # stop the loop after this many rollbacks in a row
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -177,6 +184,12 @@ class LoopConfig:
         if not isinstance(self.margin, (int, float)) or self.margin < 0:
             raise ConfigError(f"loop.margin = {self.margin!r}: must be a number >= 0")
         _check_choice("loop.mode", self.mode, ("grpo", "training-free"))
+        for key in ("max_kl", "min_entropy_ratio", "min_distinct_ratio", "min_length_ratio"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"loop.{key} = {value!r}: must be a number >= 0 (0 turns the guard off)")
+        if not isinstance(self.stop_after_rollbacks, int) or self.stop_after_rollbacks < 0:
+            raise ConfigError(f"loop.stop_after_rollbacks = {self.stop_after_rollbacks!r}: an integer >= 0 (0: never)")
 
 
 @dataclass

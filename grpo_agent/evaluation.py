@@ -89,6 +89,7 @@ def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4,
 
     labelled = not label_free and all("answer" in t for t in tasks)
     values: list[float] = []
+    sampled = []
     chunks = [tasks[i : i + batch] for i in range(0, len(tasks), batch)]
     for i, chunk in enumerate(tqdm(chunks, desc="eval", unit="batch", disable=not progress, leave=False)):
         questions = [t["question"] for t in chunk]
@@ -99,5 +100,35 @@ def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4,
             groups, contexts = agent.sample_groups(questions, k=k, seed=seed + i)
             for scored in agent.scorer.score_groups(groups, contexts):
                 values.append(sum(scored.composite) / len(scored.composite))
-    return {"metric": "accuracy" if labelled else "composite", "value": sum(values) / max(len(values), 1),
-            "n": len(values)}
+            sampled += groups
+    result = {"metric": "accuracy" if labelled else "composite", "value": sum(values) / max(len(values), 1),
+              "n": len(values)}
+    if sampled:  # the evaluated policy's own samples: what the collapse guards watch
+        result["monitors"] = {k: v for k, v in monitors(sampled).items() if k in ("entropy", "distinct_rate",
+                                                                                 "answer_tokens")}
+    return result
+
+
+def monitors(groups) -> dict:
+    """What collapse looks like, measured on a round's groups: the entropy of the sampled tokens (estimated
+    as their mean negative log-prob, at the sampling temperature), answer length in tokens, the share of
+    distinct answers within a group, the share of groups whose scores did not vary, and each signal's mean."""
+    completions = [c for g in groups for c in g.completions]
+    logprobs = [lp for c in completions for lp in c.logprobs]
+    composites = [c.composite for c in completions if c.composite is not None]
+    signals: dict[str, list[float]] = {}
+    for c in completions:
+        for name, value in c.scores.items():
+            if value == value:  # not NaN
+                signals.setdefault(name, []).append(value)
+    distinct = [len({" ".join(c.text.lower().split()) for c in g.completions}) / len(g.completions)
+                for g in groups if g.completions]
+    avg = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "groups": len(groups), "zero_variance_groups": sum(g.zero_variance for g in groups),
+        "zero_variance_rate": avg([float(g.zero_variance) for g in groups]),
+        "train_composite": avg(composites), "entropy": -avg(logprobs) if logprobs else None,
+        "answer_tokens": avg([float(len(c.token_ids)) for c in completions]),
+        "distinct_rate": avg(distinct), "signals": {name: avg(v) for name, v in sorted(signals.items())},
+    }
+

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .agent import PROMOTED, GRPOAgent
 from .config import LoopConfig, UpdateConfig
 from .errors import GRPOAgentError
-from .evaluation import evaluate
+from .evaluation import evaluate, monitors
 from .scoring import blend_feedback, group_advantages
 from .updater import GRPOUpdater, latest_checkpoint
 
@@ -145,9 +145,15 @@ class SelfImprovementLoop:
                 self._append_round({"round": 0, "eval": result, "promoted": True, "policy_version": BASE,
                                     "reason": "baseline", "seconds": time.perf_counter() - t0})
             self.state.update(promoted_eval=result["value"], eval_identity=identity)
+            self._best_monitors(result)
             self._save_state()
         rows = []
         while self.state["round"] < rounds:
+            limit = self.cfg.stop_after_rollbacks
+            if limit and self.state.get("rollbacks_in_a_row", 0) >= limit:
+                self.state["stopped"] = f"guard stop_after_rollbacks: {limit} rollbacks in a row"
+                self._save_state()
+                break
             rows.append(self.run_round(self.state["round"] + 1))
         return rows
 
@@ -164,9 +170,12 @@ class SelfImprovementLoop:
             reason = f"eval {result['value']:.4f} >= promoted {before:.4f} - margin {self.cfg.margin}"
         else:
             reason = f"eval {result['value']:.4f} < promoted {before:.4f} - margin {self.cfg.margin}: rolled back"
+        guards = self._guards(result)
+        if guards:
+            promoted, reason = False, "; ".join(guards) + ": rolled back"
         # The decision is journaled first: a kill from here on finishes this gate on restart, never redoes it.
         self.state["pending"] = {
-            "round": r, "eval": result, "promoted": promoted, "reason": reason,
+            "round": r, "eval": result, "promoted": promoted, "reason": reason, "guards": guards,
             "version": f"r{r}" if promoted else self.state["promoted_version"],
             "group_ids": [g.group_id for g in groups], "seconds": time.perf_counter() - t0,
         }
@@ -194,6 +203,35 @@ class SelfImprovementLoop:
                 for c, x, a in zip(g.completions, comp, adv):
                     c.composite, c.advantage = x, a
         return groups
+
+    def _guards(self, result: dict) -> list[str]:
+        """The collapse guards that fire on this round's eval (and its update's KL), each with its reason."""
+        fired, cfg = [], self.cfg
+        kl = self._last_kl()
+        if cfg.max_kl and kl is not None and kl > cfg.max_kl:
+            fired.append(f"guard max_kl: KL {kl:.4f} > {cfg.max_kl}")
+        now, best = result.get("monitors") or {}, self.state.get("best_monitors") or {}
+        for key, ratio, name in (("entropy", cfg.min_entropy_ratio, "min_entropy_ratio"),
+                                 ("distinct_rate", cfg.min_distinct_ratio, "min_distinct_ratio"),
+                                 ("answer_tokens", cfg.min_length_ratio, "min_length_ratio")):
+            if ratio and now.get(key) is not None and best.get(key) and now[key] < ratio * best[key]:
+                fired.append(f"guard {name}: {key} {now[key]:.3f} < {ratio} x best {best[key]:.3f}")
+        return fired
+
+    def _last_kl(self) -> float | None:
+        path = self.run_dir / "metrics.jsonl"
+        start = self.state.get("update_from_step") or 0
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        steps = [m for m in map(json.loads, filter(None, lines)) if m["step"] > start]
+        return steps[-1]["kl"] if steps else None
+
+    def _best_monitors(self, result: dict) -> None:
+        """Remember the highest entropy, distinct-answer rate and answer length of any promoted policy (the
+        guards' yardstick)."""
+        best = self.state.setdefault("best_monitors", {})
+        for key, value in (result.get("monitors") or {}).items():
+            if value is not None and (best.get(key) is None or value > best[key]):
+                best[key] = value
 
     def update(self, r: int, groups) -> None:
         """Train on the round's groups, checkpointing every `checkpoint_every` steps."""
@@ -231,11 +269,13 @@ class SelfImprovementLoop:
         if self.updater is not None:
             self.updater.save_checkpoint(self.checkpoints)  # the post-gate weights: what a restart resumes from
         row = {"round": r, **metrics, "eval": pending["eval"], "promoted": promoted, "policy_version": version,
-               "reason": pending["reason"], "seconds": pending["seconds"]}
+               "reason": pending["reason"], "guards": pending.get("guards", []), "seconds": pending["seconds"]}
         if not any(x["round"] == r for x in self.rounds()):
             self._append_round(row)
         if promoted:
             self.state["promoted_eval"] = pending["eval"]["value"]
+            self._best_monitors(pending["eval"])
+        self.state["rollbacks_in_a_row"] = 0 if promoted else self.state.get("rollbacks_in_a_row", 0) + 1
         self.state.update(round=r, promoted_version=version, pending=None, update_from_step=None)
         self._save_state()
         return row
@@ -317,28 +357,4 @@ def _summarise(history: list[dict], groups) -> dict:
         "kl_last": history[-1]["kl"] if history else None, "clip_fraction": mean("clip_fraction"),
         "grad_norm": mean("grad_norm"), "skipped_nonfinite": sum(bool(m["skipped_nonfinite"]) for m in history),
         **monitors(groups),
-    }
-
-
-def monitors(groups) -> dict:
-    """What collapse looks like, measured on a round's groups: the entropy of the sampled tokens (estimated
-    as their mean negative log-prob, at the sampling temperature), answer length in tokens, the share of
-    distinct answers within a group, the share of groups whose scores did not vary, and each signal's mean."""
-    completions = [c for g in groups for c in g.completions]
-    logprobs = [lp for c in completions for lp in c.logprobs]
-    composites = [c.composite for c in completions if c.composite is not None]
-    signals: dict[str, list[float]] = {}
-    for c in completions:
-        for name, value in c.scores.items():
-            if value == value:  # not NaN
-                signals.setdefault(name, []).append(value)
-    distinct = [len({" ".join(c.text.lower().split()) for c in g.completions}) / len(g.completions)
-                for g in groups if g.completions]
-    avg = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {
-        "groups": len(groups), "zero_variance_groups": sum(g.zero_variance for g in groups),
-        "zero_variance_rate": avg([float(g.zero_variance) for g in groups]),
-        "train_composite": avg(composites), "entropy": -avg(logprobs) if logprobs else None,
-        "answer_tokens": avg([float(len(c.token_ids)) for c in completions]),
-        "distinct_rate": avg(distinct), "signals": {name: avg(v) for name, v in sorted(signals.items())},
     }

@@ -113,6 +113,12 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
             lines.append(f"| {r['round']} | {_fmt(r.get('entropy'))} | {_fmt(r.get('answer_tokens'), 1)} | "
                          f"{_fmt(r.get('distinct_rate'))} | {_fmt(r.get('zero_variance_rate'))} | "
                          + " | ".join(_fmt(sig.get(n)) for n in names) + " |")
+    fired = [r for r in done if r.get("guards")]
+    state = run_dir / "state.json"
+    stopped = json.loads(state.read_text(encoding="utf-8")).get("stopped") if state.is_file() else None
+    if fired or stopped:
+        lines += ["", "Guards that fired:", ""] + [f"- round {r['round']}: {'; '.join(r['guards'])}" for r in fired]
+        lines += [f"- the loop stopped: {stopped}"] if stopped else []
     lines += ["", "![eval](eval.png) ![scores](scores.png) ![kl](kl.png) ![monitors](monitors.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -178,3 +178,61 @@ def test_client_feedback_reshapes_the_advantages_the_update_sees(policy, embedde
     assert rated.completions[served].composite == 0.0
     assert rated.completions[served].advantage == min(c.advantage for c in rated.completions)
     assert [c.advantage for c in untouched.completions] == pytest.approx(before)
+
+
+class Shortest:
+    """A degenerate reward: the shorter the answer, the better (what a collapsing run converges to)."""
+
+    name = "shortest"
+
+    def score(self, group, context):
+        from grpo_agent.scoring import ScoreResult
+
+        longest = max(len(c.token_ids) for c in group.completions)
+        return ScoreResult("shortest", [1 - len(c.token_ids) / (longest + 1) for c in group.completions],
+                           ["shorter is better"] * len(group.completions))
+
+
+def degenerate_loop(policy, embedder, run, **guards):
+    from grpo_agent.scoring import SelfScorer
+
+    agent = make_agent(policy, embedder, run / "store.sqlite", k=4, max_new_tokens=12)
+    agent.sampling.seed = None  # fresh draws every round
+    agent.scorer = SelfScorer([Shortest()], {"shortest": 1.0})
+    update = UpdateConfig(learning_rate=3e-2, beta=0.0, groups_per_step=1, num_iterations=4)
+    return SelfImprovementLoop(agent, run, TASKS, EVAL, update, LoopConfig(
+        tasks_per_round=3, eval_k=2, margin=1.0, **guards), progress=False)
+
+
+def test_guards_roll_back_a_collapsing_run_and_say_why(policy, embedder, tmp_path, monkeypatch):
+    loop = degenerate_loop(policy, embedder, tmp_path / "run", min_length_ratio=0.5, min_entropy_ratio=0.5,
+                           min_distinct_ratio=0.5, stop_after_rollbacks=2)
+    real_eval, calls = loop.evaluate, []
+
+    def collapsing_eval():  # the real eval, its samples' monitors shrunk as a collapsing policy's would be
+        result = real_eval()
+        calls.append(result)
+        shrink = {0: 1.0, 1: 0.9, 2: 0.3}.get(len(calls) - 1, 0.2)
+        result["monitors"] = {k: v * (shrink if k != "entropy" or len(calls) > 3 else 1.0)
+                              for k, v in result["monitors"].items()}
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", collapsing_eval)
+    rows = loop.run(6)
+    assert rows[0]["promoted"] and not rows[0]["guards"]  # 0.9 of the best: within every guard
+    assert "guard min_distinct_ratio" in rows[1]["reason"] and "guard min_length_ratio" in rows[1]["reason"]
+    assert "guard min_entropy_ratio" not in rows[1]["reason"]  # entropy held in that round
+    assert "guard min_entropy_ratio" in rows[2]["reason"] and not rows[2]["promoted"]
+    assert len(rows) == 3 and "stop_after_rollbacks" in loop.state["stopped"]  # two rollbacks in a row: stopped
+    assert loop.state["promoted_version"] == "r1"
+    assert "guard min_length_ratio" in write_report(tmp_path / "run").read_text()
+
+
+def test_the_kl_cap_rolls_back_an_update_that_moves_too_far(policy, embedder, tmp_path):
+    agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
+                               LoopConfig(tasks_per_round=4, eval_k=2, margin=1.0, max_kl=1e-9), progress=False)
+    (row,) = loop.run(1)
+    assert row["steps"] >= 2 and row["kl_last"] > 1e-9
+    assert not row["promoted"] and row["guards"][0].startswith("guard max_kl: KL")
+    assert all(float(p.abs().sum()) == 0 for n, p in loop.updater.model.named_parameters() if "lora_B" in n)

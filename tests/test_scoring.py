@@ -208,7 +208,7 @@ def test_self_scorer_writes_scores_composite_and_advantages(embedder):
     scored = scorer.score_groups([g1, g2, g3], [CONTEXT, ScoreContext(harmful_q, FACTS), CONTEXT])
     assert scored[0].ranking[-1] == 1  # the ungrounded answer ranks last
     assert g1.completions[1].composite < g1.completions[0].composite
-    assert set(g1.completions[0].scores) == {"grounding", "consistency", "education", "safety"}
+    assert set(g1.completions[0].scores) == {"grounding", "consistency", "safety"}  # weighted or gating signals only
     assert g2.completions[0].scores["safety"] == 0.0 and g2.completions[0].composite == 0.0
     assert g2.completions[0].advantage < 0 < g2.completions[1].advantage
     assert g3.zero_variance and [c.advantage for c in g3.completions] == [0.0, 0.0]

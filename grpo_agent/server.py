@@ -8,7 +8,8 @@ the self-improving agent unchanged, and every request it answers is a logged gro
     POST /v1/feedback           {"group_id", "rating" in [0, 1], "completion_index"?, "text"?}
 
 Requests that arrive together are answered in one batched sampling call: a single worker thread takes
-every request queued within `batch_wait_ms` (up to `max_batch`), groups those with the same sampling
+every request queued while they keep arriving less than `batch_wait_ms` apart (at most 4 x batch_wait_ms,
+and `max_batch` requests), groups those with the same sampling
 settings, runs the agent on each set and logs the groups; it alone touches the model and writes the store.
 A promoted adapter (`--run`) is picked up between two batches. A stream is produced from the finished
 answer (best of K needs all K), so the group is logged before the first byte: a client that disconnects
@@ -164,7 +165,9 @@ class Batcher:
             if job is None:
                 return
             batch = [job]
-            deadline = time.monotonic() + self.wait_s
+            # Wait while requests keep coming (each arrival extends the wait by wait_s), for at most 4 x wait_s.
+            start = time.monotonic()
+            deadline = start + self.wait_s
             while len(batch) < self.max_batch:
                 try:
                     nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -174,6 +177,7 @@ class Batcher:
                     self.jobs.put(None)  # stop after this batch
                     break
                 batch.append(nxt)
+                deadline = min(start + 4 * self.wait_s, time.monotonic() + self.wait_s)
             self.batches.append(len(batch))
             by_params: dict[str, list[_Job]] = {}
             for j in batch:

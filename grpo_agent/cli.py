@@ -375,6 +375,8 @@ def _run_loop(args: argparse.Namespace) -> int:
                    if "lessons" in row else f"{row['steps']} steps, mean KL {'-' if kl is None else f'{kl:.4f}'}")
         print(f"round {row['round']}: {row['groups']} groups, {learned}, eval {row['eval']['metric']} "
               f"{row['eval']['value']:.4f} -> {'promoted' if row['promoted'] else 'rolled back'} ({row['policy_version']})")
+    if loop.state.get("stopped"):
+        print(f"stopped early: {loop.state['stopped']}")
     print(f"{args.run}: {loop.state['round']} rounds done; serving {loop.state['promoted_version']}; "
           f"`grpo-agent report --run {args.run}` plots them")
     return 0

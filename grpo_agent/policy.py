@@ -165,11 +165,18 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode_chat(self, messages: Messages) -> list[int]:
-        """Token ids of a chat with the generation prompt appended (the model's own chat template)."""
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the model's chat template renders a `tools` list (native tool calling)."""
+        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+
+    def encode_chat(self, messages: Messages, tools: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of a chat with the generation prompt appended (the model's own chat template, given the
+        OpenAI-format `tools` when it renders them)."""
         if not messages:
             raise ValueError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        extra = {"tools": list(tools)} if tools else {}
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **extra)
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -238,12 +245,14 @@ class Policy:
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         prefix: str = "",
+        tools: Sequence[dict] | None = None,
     ) -> list[Group]:
         """Sample K completions for every chat in one batched, KV-cached decode; one Group per chat.
 
         Each prompt is prefilled once and its cache repeated K times; rows that stop are dropped from the
         batch. Log-probs are log_softmax(logits / temperature) at the sampled token, before top-p, exactly
         what a forward pass over the sequence recomputes (temperature 0: greedy, log-probs at temperature 1).
+        `tools` (OpenAI format) go to the chat template, for models whose template renders them.
         `prefix` forces the start of every answer: its tokens are appended to the prompt (and so belong to
         each group's prompt_token_ids), and the completions continue from it.
         """
@@ -254,7 +263,7 @@ class Policy:
         from transformers import DynamicCache
 
         start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        prompts = [self.encode_chat(m) + start for m in messages_batch]  # `prefix`: the answer's forced start
+        prompts = [self.encode_chat(m, tools) + start for m in messages_batch]  # `prefix`: the answer's forced start
         if not prompts:
             return []
         device, model = self.device, self.model

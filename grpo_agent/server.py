@@ -309,10 +309,12 @@ def _check(req: ChatRequest, agent: GRPOAgent, cfg: ServerConfig) -> tuple[list[
     if k > 1 and agent.scorer is None:
         raise APIError(400, f"this server samples one answer per request; n and grpo.k must be 1", param="n")
     chat = to_chat(req.messages)
-    if req.tools and req.tool_choice != "none":
-        chat = [tool_system_turn(req.tools)] + chat
+    tools = req.tools if req.tools and req.tool_choice != "none" else None
+    native = tools and agent.policy.template_takes_tools
+    if tools and not native:  # a template without tool support: describe them in a system turn
+        chat = [tool_system_turn(tools)] + chat
     params = {"k": k, "temperature": req.temperature, "top_p": req.top_p, "max_new_tokens": max_tokens,
-              "seed": req.seed}
+              "seed": req.seed, "tools": tools if native else None}
     return chat, {key: v for key, v in params.items() if v is not None}
 
 

@@ -23,16 +23,23 @@ def tool_system_turn(tools: Sequence[dict]) -> dict:
 
 
 def parse_tool_call(text: str, tool_names: Sequence[str]) -> dict | None:
-    """The first JSON object in `text` of the form {"tool": <a given tool>, "arguments": {...}} as
-    {"name", "args", "id"}, else None."""
+    """The first JSON object in `text` naming one of the given tools, as {"name", "args", "id"}, else None:
+    {"tool": ..., "arguments": {...}} (what tool_system_turn asks for) or {"name": ..., "arguments": ...}
+    (what models with native tool templates write)."""
     decoder = json.JSONDecoder()
     for match in re.finditer(r"\{", text):
         try:
             obj, _ = decoder.raw_decode(text, match.start())
         except json.JSONDecodeError:
             continue
-        if isinstance(obj, dict) and obj.get("tool") in tool_names:
-            args = obj.get("arguments", {})
-            return {"name": obj["tool"], "args": args if isinstance(args, dict) else {"input": args},
+        name = obj.get("tool", obj.get("name")) if isinstance(obj, dict) else None  # ours, or a native template's
+        if name in tool_names:
+            args = obj.get("arguments", obj.get("parameters", {}))
+            if isinstance(args, str):  # OpenAI style: arguments as a JSON string
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    args = {"input": args}
+            return {"name": name, "args": args if isinstance(args, dict) else {"input": args},
                     "id": f"call_{uuid.uuid4().hex[:12]}"}
     return None

@@ -191,3 +191,27 @@ def test_tool_calls_come_back_as_openai_tool_calls():
         {"role": "tool", "tool_call_id": call["id"], "content": "Critically Endangered"}]).messages)
     assert chat[1]["role"] == "assistant" and '"species_status"' in chat[1]["content"]
     assert chat[2] == {"role": "tool", "content": f"Result of tool {call['id']}: Critically Endangered"}
+
+
+def test_tools_go_to_a_chat_template_that_renders_them(tiny_model_dir, embedder, tmp_path):
+    from conftest import CHATML
+
+    from grpo_agent.server import ChatRequest, _check
+    from grpo_agent.toolcalls import parse_tool_call
+
+    tools = [{"type": "function", "function": {"name": "species_status", "description": "IUCN status"}}]
+    req = ChatRequest(messages=[{"role": "user", "content": "Kakapo status?"}], tools=tools)
+    agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, tmp_path / "s.sqlite")
+    chat, params = _check(req, agent, ServerConfig())  # ChatML without tools: described in a system turn
+    assert "species_status" in chat[0]["content"] and params.get("tools") is None
+
+    agent.policy.tokenizer.chat_template = "{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}" + CHATML
+    chat, params = _check(req, agent, ServerConfig())  # a template that renders tools gets them natively
+    assert chat == [{"role": "user", "content": "Kakapo status?"}] and params["tools"] == tools
+    prompt = agent.policy.tokenizer.decode(agent.policy.encode_chat(chat, params["tools"]))
+    assert prompt.startswith("Tools: ") and "species_status" in prompt
+    reply = agent.respond_batch([chat], log=False, **params)[0]  # and sampling takes them
+    assert reply.prompt_token_ids == agent.policy.encode_chat(agent.messages("Kakapo status?", [], reply.passages),
+                                                             tools)
+    native = '<tool_call>{"name": "species_status", "arguments": {"species": "kakapo"}}</tool_call>'
+    assert parse_tool_call(native, ["species_status"])["args"] == {"species": "kakapo"}

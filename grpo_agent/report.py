@@ -72,9 +72,9 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if steps:
         ax.plot([m["step"] for m in steps], [m["kl"] for m in steps], ".-", label="KL to reference per step")
+        ax.legend()
     ax.set(xlabel="optimizer step", ylabel="KL (k3)", title="KL to the reference model")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
     fig.tight_layout()
     fig.savefig(out / "kl.png", dpi=110)
     plt.close(fig)

@@ -236,3 +236,34 @@ def test_the_kl_cap_rolls_back_an_update_that_moves_too_far(policy, embedder, tm
     assert row["steps"] >= 2 and row["kl_last"] > 1e-9
     assert not row["promoted"] and row["guards"][0].startswith("guard max_kl: KL")
     assert all(float(p.detach().abs().sum()) == 0 for n, p in loop.updater.model.named_parameters() if "lora_B" in n)
+
+
+class LowTokenIds:
+    """A degenerate reward a policy can game: the lower its answer's token ids, the better."""
+
+    name = "low_ids"
+
+    def score(self, group, context):
+        from grpo_agent.scoring import ScoreResult
+
+        scores = [1 - sum(c.token_ids) / (len(c.token_ids) * 320) for c in group.completions]
+        return ScoreResult("low_ids", scores, ["lower ids are better"] * len(scores))
+
+
+def test_the_entropy_guard_catches_a_real_collapse(policy, embedder, tmp_path):
+    from grpo_agent.scoring import SelfScorer
+
+    agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite", k=4, max_new_tokens=12)  # seeded
+    agent.scorer = SelfScorer([LowTokenIds()], {"low_ids": 1.0})
+    # LoRA on the output layer too, so that the tiny model's near-uniform distribution can collapse
+    update = UpdateConfig(learning_rate=5e-2, beta=0.0, groups_per_step=1, num_iterations=2,
+                          lora_target_modules=["q_proj", "v_proj", "lm_head"])
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS * 4, EVAL, update, LoopConfig(
+        tasks_per_round=4, eval_k=4, margin=1.0, min_entropy_ratio=0.5, stop_after_rollbacks=1), progress=False)
+    rows = loop.run(8)
+    baseline = loop.rounds()[0]["eval"]["monitors"]["entropy"]
+    last = rows[-1]
+    assert last["eval"]["value"] > loop.rounds()[0]["eval"]["value"]  # the gamed score rose: the gate alone promotes
+    assert "guard min_entropy_ratio" in last["reason"] and not last["promoted"]
+    assert last["eval"]["monitors"]["entropy"] < 0.5 * baseline
+    assert "stop_after_rollbacks" in loop.state["stopped"]

@@ -128,15 +128,15 @@ def _config(args: argparse.Namespace):
     from .config import load_config
 
     cfg = load_config(args.config)
-    def override(section, **flags):
+    def override(section, *names):  # the flags this command has and the user gave
+        flags = {n: getattr(args, n, None) for n in names}
         return dataclasses.replace(section, **{k: v for k, v in flags.items() if v is not None})
 
     return dataclasses.replace(
         cfg,
-        policy=override(cfg.policy, model=args.model, device=args.device),
-        retrieval=override(cfg.retrieval, index=args.index),
-        sampling=override(cfg.sampling, k=args.k, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, seed=args.seed),
+        policy=override(cfg.policy, "model", "device"),
+        retrieval=override(cfg.retrieval, "index"),
+        sampling=override(cfg.sampling, "k", "max_new_tokens", "temperature", "seed"),
     )
 
 
@@ -280,16 +280,12 @@ def _add_update(sub: argparse._SubParsersAction) -> None:
 def _run_update(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from .agent import PROMOTED
-    from .loop import save_adapter, write_json_atomic
+    from .loop import save_adapter, train_with_checkpoints, write_json_atomic
     from .policy import load_policy
     from .store import TrajectoryStore
     from .updater import GRPOUpdater, latest_checkpoint
 
-    for k in ("index", "k", "max_new_tokens", "temperature", "seed"):
-        setattr(args, k, None)
     cfg = _config(args)
     if args.promote and not cfg.update.lora:
         raise GRPOAgentError("--promote serves LoRA adapters; with update.lora = false load the checkpoint's "
@@ -303,16 +299,8 @@ def _run_update(args: argparse.Namespace) -> int:
         updater = GRPOUpdater(load_policy(cfg.policy), cfg.update, output_dir=run)
         if updater.resume(run / "checkpoints"):
             print(f"resumed from step {updater.step}")
-        bar = tqdm(desc="update", unit="step")
-
-        def on_step(m: dict) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.4f}")
-            updater.save_checkpoint(run / "checkpoints")
-
-        history = updater.train(groups, on_step=on_step)
-        bar.close()
-        checkpoint = updater.save_checkpoint(run / "checkpoints")
+        history = train_with_checkpoints(updater, groups, run / "checkpoints")
+        checkpoint = latest_checkpoint(run / "checkpoints") or updater.save_checkpoint(run / "checkpoints")
         version = f"u{updater.step}"
         if args.promote:
             save_adapter(updater.model, run / "promoted" / version)
@@ -321,7 +309,7 @@ def _run_update(args: argparse.Namespace) -> int:
         store.record_update(round=0, policy_version=version, group_ids=[g.group_id for g in groups],
                             metrics={"steps": len(history), "kl_last": kls[-1] if kls else None},
                             promoted=args.promote, reason="grpo-agent update" + (" --promote" if args.promote else ""),
-                            checkpoint=str(latest_checkpoint(run / "checkpoints") or checkpoint))
+                            checkpoint=str(checkpoint))
     print(f"trained {len(history)} steps on {len(groups)} groups; checkpoint {checkpoint}"
           + (f"; promoted as {version}" if args.promote else "; not promoted (pass --promote, or use `loop`)"))
     return 0

@@ -123,10 +123,7 @@ class SelfImprovementLoop:
 
     def rounds(self) -> list[dict]:
         """Every round recorded so far (round 0 is the baseline)."""
-        path = self.run_dir / "rounds.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.run_dir / "rounds.jsonl")
 
     # ----- the loop --------------------------------------------------------------------------------------
     def run(self, rounds: int) -> list[dict]:
@@ -219,11 +216,15 @@ class SelfImprovementLoop:
         return fired
 
     def _last_kl(self) -> float | None:
-        path = self.run_dir / "metrics.jsonl"
-        start = self.state.get("update_from_step") or 0
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-        steps = [m for m in map(json.loads, filter(None, lines)) if m["step"] > start]
+        steps = self._round_steps()
         return steps[-1]["kl"] if steps else None
+
+    def _round_steps(self) -> list[dict]:
+        """This round's optimizer steps from metrics.jsonl, once each (a step redone after a resume is logged
+        twice: the later entry counts), so a resumed update reports all its steps."""
+        start = self.state.get("update_from_step") or 0
+        steps = {m["step"]: m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] > start}
+        return [steps[k] for k in sorted(steps)]
 
     def _best_monitors(self, result: dict) -> None:
         """Remember the highest entropy, distinct-answer rate and answer length of any promoted policy (the
@@ -238,18 +239,8 @@ class SelfImprovementLoop:
         if self.state.get("update_from_step") is None:  # the step this round's update starts after
             self.state["update_from_step"] = self.updater.step
             self._save_state()
-        bar = tqdm(total=None, desc=f"round {r} update", unit="step", disable=not self.progress, leave=False)
-
-        def on_step(m: dict) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.4f}")
-            if self.updater.step % self.cfg.checkpoint_every == 0:
-                self.updater.save_checkpoint(self.checkpoints)
-
-        history = self.updater.train(groups, on_step=on_step)
-        bar.close()
-        if history and self.updater.step % self.cfg.checkpoint_every:
-            self.updater.save_checkpoint(self.checkpoints)
+        train_with_checkpoints(self.updater, groups, self.checkpoints, self.cfg.checkpoint_every,
+                               desc=f"round {r} update", progress=self.progress)
 
     def _finish_gate(self, pending: dict) -> dict:
         """Apply a journaled gate decision; every step is safe to repeat after a kill."""
@@ -281,13 +272,9 @@ class SelfImprovementLoop:
         return row
 
     def _round_metrics(self, group_ids: list[str]) -> dict:
-        """The round's update in a few numbers, from metrics.jsonl (so a resumed update counts all its steps)."""
-        start = self.state.get("update_from_step") or 0
-        path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-        steps = {m["step"]: m for m in map(json.loads, filter(None, lines)) if m["step"] > start}
+        """The round's update in a few numbers (its steps from metrics.jsonl) and its groups' monitors."""
         groups = [self.agent.store.get_group(gid) for gid in group_ids]
-        metrics = _summarise([steps[k] for k in sorted(steps)], groups)
+        metrics = _summarise(self._round_steps(), groups)
         if self.mode == "training-free":
             library = self.agent.experience
             metrics.update(lessons=len(library.lessons()), library_ops=dict(library.stats))
@@ -334,6 +321,31 @@ class SelfImprovementLoop:
             self.updater.optimizer.state.clear()
         else:
             self.agent.experience.load(self._snapshot_path(version))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file the loop wrote (none when it does not exist yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_with_checkpoints(updater: GRPOUpdater, groups, directory: Path, every: int = 1, desc: str = "update",
+                           progress: bool = True) -> list[dict]:
+    """updater.train with a progress bar, a checkpoint every `every` steps and one after the last step."""
+    bar = tqdm(total=None, desc=desc, unit="step", disable=not progress, leave=False)
+
+    def on_step(m: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.4f}")
+        if updater.step % every == 0:
+            updater.save_checkpoint(directory)
+
+    history = updater.train(groups, on_step=on_step)
+    bar.close()
+    if history and updater.step % every:
+        updater.save_checkpoint(directory)
+    return history
 
 
 def save_adapter(model, directory: Path) -> None:

@@ -11,16 +11,11 @@ import json
 from pathlib import Path
 
 from .errors import GRPOAgentError
+from .loop import read_jsonl  # the run directory's JSON-lines files, as the loop writes them
 
 
 MONITORS = [("entropy", "entropy of sampled tokens (nats)"), ("distinct_rate", "distinct answers per group"),
             ("answer_tokens", "answer length (tokens)"), ("zero_variance_rate", "zero-variance groups")]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -37,10 +32,10 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
-    rounds = _read_jsonl(run_dir / "rounds.jsonl")
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
     if not rounds:
         raise GRPOAgentError(f"{run_dir} holds no rounds.jsonl: run `grpo-agent loop --run {run_dir}` first")
-    steps = _read_jsonl(run_dir / "metrics.jsonl")
+    steps = read_jsonl(run_dir / "metrics.jsonl")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     done = [r for r in rounds if r["round"] > 0]

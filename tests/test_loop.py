@@ -115,12 +115,20 @@ print("steps", loop.updater.step, "lora_b", lora_b)
 """
 
 
+def loop_process(tiny_model_dir, run):
+    """Runs KILLED_RUN for `run` in a fresh process with a mode ("2": killed after step 2, "gate": killed
+    right after the update is recorded, "0": runs to the end)."""
+    script = run.parent / "run_loop.py"
+    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), run=str(run)))
+    return lambda mode: subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                                       timeout=300)
+
+
 def test_killing_the_loop_mid_update_loses_nothing_and_resumes_from_the_checkpoint(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    script = tmp_path / "run_loop.py"
-    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), run=str(run)))
+    run_loop = loop_process(tiny_model_dir, run)
 
-    killed = subprocess.run([sys.executable, str(script), "2"], capture_output=True, text=True, timeout=300)
+    killed = run_loop("2")
     assert killed.returncode == -9, killed.stderr[-2000:]
     from grpo_agent.store import TrajectoryStore
 
@@ -130,7 +138,7 @@ def test_killing_the_loop_mid_update_loses_nothing_and_resumes_from_the_checkpoi
     steps_before = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps_before == [1, 2]
 
-    resumed = subprocess.run([sys.executable, str(script), "0"], capture_output=True, text=True, timeout=300)
+    resumed = run_loop("0")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[:2] == [1, 2] and steps[2] == 3 and steps == sorted(set(steps))  # no step repeated
@@ -145,13 +153,12 @@ def test_killing_the_loop_mid_update_loses_nothing_and_resumes_from_the_checkpoi
 
 def test_a_kill_during_the_gate_finishes_that_gate_on_restart(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    script = tmp_path / "run_loop.py"
-    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), run=str(run)))
-    killed = subprocess.run([sys.executable, str(script), "gate"], capture_output=True, text=True, timeout=300)
+    run_loop = loop_process(tiny_model_dir, run)
+    killed = run_loop("gate")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert json.loads((run / "state.json").read_text())["pending"]["promoted"] is False
 
-    resumed = subprocess.run([sys.executable, str(script), "0"], capture_output=True, text=True, timeout=300)
+    resumed = run_loop("0")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.split()[-1] == "0.0"  # rolled back to the base: every LoRA B is zero again
     from grpo_agent.store import TrajectoryStore

@@ -79,6 +79,10 @@ class ScoringConfig:
     safety_rules: str | None = None  # rule file for the safety signal; None: the bundled conservation rules
     judge: str = "policy"  # the reasoning signal's judge: "policy" (itself) or a local model directory
     feedback_weight: float = 0.5  # weight of clients' ratings (POST /v1/feedback) blended into a rated answer's composite
+    # Collapse guards in the reward (0: off): subtracted from the composite, so shrinking or looping answers lose.
+    length_penalty: float = 0.0  # times the share of min_answer_words an answer falls short by
+    min_answer_words: int = 8  # answers shorter than this many words pay the length penalty
+    repetition_penalty: float = 0.0  # times the share of an answer's word 3-grams that repeat an earlier one
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, dict):
@@ -97,6 +101,12 @@ class ScoringConfig:
             raise ConfigError(f"scoring.eps = {self.eps!r}: must be > 0")
         if not isinstance(self.feedback_weight, (int, float)) or not 0 <= self.feedback_weight <= 1:
             raise ConfigError(f"scoring.feedback_weight = {self.feedback_weight!r}: must be in [0, 1]")
+        for key in ("length_penalty", "repetition_penalty"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ConfigError(f"scoring.{key} = {value!r}: must be in [0, 1] (0 turns it off)")
+        if not isinstance(self.min_answer_words, int) or self.min_answer_words < 1:
+            raise ConfigError(f"scoring.min_answer_words = {self.min_answer_words!r}: must be an integer >= 1")
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

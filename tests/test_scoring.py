@@ -231,6 +231,42 @@ def test_custom_scorers_register_by_name():
         make_scorer("nope")
 
 
+def test_length_and_repetition_penalties_turn_a_degenerate_reward_around(embedder):
+    """A reward that favours the shortest answer (what collapse feeds on) loses to the penalties."""
+    @register("shortest_only")
+    class Shortest:
+        name = "shortest_only"
+
+        def score(self, group, context):  # fewer words, higher score
+            words = [len(c.text.split()) for c in group.completions]
+            return ScoreResult(self.name, [max(0.0, 1 - n / 30) for n in words], ["" for _ in words])
+
+    full = "The snow leopard is Vulnerable, threatened by poaching and conflict with herders."
+    looping = "leopard leopard leopard leopard leopard leopard leopard leopard leopard"
+    texts = ["Yes.", full, looping]
+    plain, _ = SelfScorer([make_scorer("shortest_only")], {"shortest_only": 1.0}).score_group(group_of(*texts), CONTEXT)
+    assert plain.best == 0 and "penalty" not in plain.signals  # off by default: the one-word answer wins
+    guarded = SelfScorer([make_scorer("shortest_only")], {"shortest_only": 1.0}, length_penalty=1.0,
+                         min_answer_words=8, repetition_penalty=1.0)
+    group = group_of(*texts)
+    scored, _ = guarded.score_group(group, CONTEXT)
+    penalty = scored.signals["penalty"]
+    assert penalty[0] == pytest.approx(1 - 1 / 8) and penalty[1] == 0.0
+    assert penalty[2] == pytest.approx(repetition(looping)) and penalty[2] > 0.5
+    assert scored.composite[0] == pytest.approx(max(0.0, plain.composite[0] - penalty[0]))
+    assert scored.best == 1 and scored.ranking[-1] != 1  # the full answer now ranks first
+    assert group.completions[2].scores["penalty"] == penalty[2]  # recorded with the other signals
+    cfg = config_from_dict({"scoring": {"length_penalty": 0.5, "min_answer_words": 5, "repetition_penalty": 0.2,
+                                        "weights": {"education": 1.0}}})
+    assert build_self_scorer(cfg.scoring, embedder=embedder).penalty == {
+        "length_penalty": 0.5, "min_answer_words": 5, "repetition_penalty": 0.2}
+    for bad, message in [({"length_penalty": 2}, "scoring.length_penalty = 2"),
+                         ({"repetition_penalty": -0.1}, "scoring.repetition_penalty"),
+                         ({"min_answer_words": 0}, "scoring.min_answer_words = 0")]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"scoring": bad})
+
+
 def test_score_result_checks_its_range():
     with pytest.raises(ValueError, match="outside"):
         ScoreResult("x", [1.5], [""])

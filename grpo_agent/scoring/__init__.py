@@ -14,11 +14,11 @@ from ..errors import ConfigError
 from ..records import Group
 from . import consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
 from .base import ScoreContext, Scorer, ScoreResult, make_scorer, register, registered
-from .composite import GroupScores, blend_feedback, combine, group_advantages
+from .composite import GroupScores, apply_penalties, blend_feedback, combine, group_advantages, penalties
 
 __all__ = [
-    "GroupScores", "ScoreContext", "ScoreResult", "Scorer", "SelfScorer", "blend_feedback", "build_self_scorer", "combine",
-    "group_advantages", "make_scorer", "register", "registered",
+    "GroupScores", "ScoreContext", "ScoreResult", "Scorer", "SelfScorer", "apply_penalties", "blend_feedback",
+    "build_self_scorer", "combine", "group_advantages", "make_scorer", "penalties", "register", "registered",
 ]
 
 
@@ -26,16 +26,21 @@ class SelfScorer:
     """Runs the signals on groups, combines them and computes group-relative advantages."""
 
     def __init__(self, scorers: Sequence[Scorer], weights: dict[str, float], gates: Iterable[str] = (),
-                 scale: str = "group", eps: float = 1e-4):
+                 scale: str = "group", eps: float = 1e-4, length_penalty: float = 0.0, min_answer_words: int = 8,
+                 repetition_penalty: float = 0.0):
         self.scorers = list(scorers)
         self.weights = dict(weights)
         self.gates = tuple(gates)
         self.scale, self.eps = scale, eps
+        self.penalty = {"length_penalty": length_penalty, "min_answer_words": min_answer_words,
+                        "repetition_penalty": repetition_penalty}
 
     def score_group(self, group: Group, context: ScoreContext) -> tuple[GroupScores, list[ScoreResult]]:
         """Score one group and write each completion's per-signal scores and composite."""
         results = [s.score(group, context) for s in self.scorers]
         scored = combine(results, self.weights, len(group.completions), gates=self.gates)
+        if self.penalty["length_penalty"] or self.penalty["repetition_penalty"]:
+            apply_penalties(scored, penalties([c.text for c in group.completions], **self.penalty))
         scored.explanations = {r.name: r.explanations for r in results}
         for i, c in enumerate(group.completions):
             c.scores = {name: values[i] for name, values in scored.signals.items()}
@@ -70,4 +75,5 @@ def build_self_scorer(cfg: ScoringConfig, embedder=None, judge=None, species: It
             scorers.append(make_scorer(name, judge=judge))
         else:
             scorers.append(make_scorer(name))
-    return SelfScorer(scorers, cfg.weights, cfg.gates, cfg.scale, cfg.eps)
+    return SelfScorer(scorers, cfg.weights, cfg.gates, cfg.scale, cfg.eps, cfg.length_penalty, cfg.min_answer_words,
+                      cfg.repetition_penalty)

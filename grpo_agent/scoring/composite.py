@@ -10,6 +10,10 @@ Advantages follow TRL's GRPO (scale_rewards) and Dr. GRPO:
     none:   A_i =  r_i - mean_g                        Dr. GRPO: no std scaling
 A group whose rewards do not vary (std_g <= tol) carries no signal: it is flagged and its advantages are 0,
 so the updater can skip it without a backward pass.
+
+Length and repetition penalties (collapse guards, off by default) are subtracted from the composite:
+    length_penalty * max(0, 1 - words / min_answer_words) + repetition_penalty * repeated word 3-gram share
+so a policy cannot win by answering ever shorter or by repeating itself; the composite stays >= 0.
 """
 
 from __future__ import annotations
@@ -73,6 +77,25 @@ def combine(
             composite = [c * g for c, g in zip(composite, signals[gate])]
     ranking = sorted(range(k), key=lambda i: -composite[i])
     return GroupScores(signals=signals, composite=composite, ranking=ranking, problems=problems)
+
+
+def penalties(texts: Sequence[str], length_penalty: float = 0.0, min_answer_words: int = 8,
+              repetition_penalty: float = 0.0) -> list[float]:
+    """What each answer loses for being short (under min_answer_words words) or repetitive."""
+    from .education import repetition
+
+    out = []
+    for text in texts:
+        short = max(0.0, 1.0 - len(text.split()) / min_answer_words) if min_answer_words else 0.0
+        out.append(length_penalty * short + repetition_penalty * repetition(text))
+    return out
+
+
+def apply_penalties(scored: GroupScores, penalty: Sequence[float]) -> None:
+    """Subtract the penalties from the composite (not below 0), re-rank, and report them as a signal."""
+    scored.composite = [max(0.0, c - p) for c, p in zip(scored.composite, penalty)]
+    scored.ranking = sorted(range(len(scored.composite)), key=lambda i: -scored.composite[i])
+    scored.signals["penalty"] = list(penalty)
 
 
 def group_advantages(

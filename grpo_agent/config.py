@@ -183,6 +183,7 @@ class LoopConfig:
     min_distinct_ratio: float = 0.0  # roll back when distinct answers per group fall below this share of the best
     min_length_ratio: float = 0.0  # roll back when mean answer length falls below this share of the longest
     stop_after_rollbacks: int = 0  # stop the loop after this many rollbacks in a row
+    reference_reset_every: int = 0  # every this many rounds the KL reference becomes the promoted policy (0: base)
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -198,8 +199,10 @@ class LoopConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"loop.{key} = {value!r}: must be a number >= 0 (0 turns the guard off)")
-        if not isinstance(self.stop_after_rollbacks, int) or self.stop_after_rollbacks < 0:
-            raise ConfigError(f"loop.stop_after_rollbacks = {self.stop_after_rollbacks!r}: an integer >= 0 (0: never)")
+        for key in ("stop_after_rollbacks", "reference_reset_every"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"loop.{key} = {value!r}: an integer >= 0 (0: never)")
 
 
 @dataclass

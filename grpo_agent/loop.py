@@ -156,6 +156,7 @@ class SelfImprovementLoop:
 
     def run_round(self, r: int) -> dict:
         t0 = time.perf_counter()
+        self._reset_reference(r)
         self.collect(r)  # in training-free mode the library learns from each batch as it is collected
         groups = self.agent.store.groups(unconsumed=True, source="loop")
         if self.updater is not None:
@@ -179,6 +180,17 @@ class SelfImprovementLoop:
         self._snapshot(f"r{r}", "promoted" if promoted else "rejected")  # rejected: kept to inspect, never served
         self._save_state()
         return self._finish_gate(self.state["pending"])
+
+    def _reset_reference(self, r: int) -> None:
+        """Every reference_reset_every rounds, anchor the KL to the promoted policy (the weights in hand at the
+        start of a round) instead of the base; the checkpoint keeps the new reference across restarts."""
+        every = self.cfg.reference_reset_every
+        if self.updater is None or not every or r == 1 or (r - 1) % every or self.state.get("reference_round") == r:
+            return
+        self.updater.reset_reference()
+        self.updater.save_checkpoint(self.checkpoints)
+        self.state.update(reference_round=r, reference_version=self.state["promoted_version"])
+        self._save_state()
 
     def _with_feedback(self, groups: list) -> list:
         """Blend clients' ratings (store.feedback) into the rated completions' composites and recompute the
@@ -260,7 +272,8 @@ class SelfImprovementLoop:
         if self.updater is not None:
             self.updater.save_checkpoint(self.checkpoints)  # the post-gate weights: what a restart resumes from
         row = {"round": r, **metrics, "eval": pending["eval"], "promoted": promoted, "policy_version": version,
-               "reason": pending["reason"], "guards": pending.get("guards", []), "seconds": pending["seconds"]}
+               "reason": pending["reason"], "guards": pending.get("guards", []), "seconds": pending["seconds"],
+               "reference": self.state.get("reference_version", BASE)}
         if not any(x["round"] == r for x in self.rounds()):
             self._append_round(row)
         if promoted:

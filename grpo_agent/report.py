@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import GRPOAgentError
-from .loop import read_jsonl  # the run directory's JSON-lines files, as the loop writes them
+from .loop import BASE, read_jsonl  # the run directory's JSON-lines files, as the loop writes them
 
 
 MONITORS = [("entropy", "entropy of sampled tokens (nats)"), ("distinct_rate", "distinct answers per group"),
@@ -111,9 +111,12 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     fired = [r for r in done if r.get("guards")]
     state = run_dir / "state.json"
     stopped = json.loads(state.read_text(encoding="utf-8")).get("stopped") if state.is_file() else None
-    if fired or stopped:
+    resets = [r for prev, r in zip(done, done[1:]) if r.get("reference", BASE) != prev.get("reference", BASE)]
+    resets = ([done[0]] if done and done[0].get("reference", BASE) != BASE else []) + resets
+    if fired or stopped or resets:
         lines += ["", "Guards that fired:", ""] + [f"- round {r['round']}: {'; '.join(r['guards'])}" for r in fired]
         lines += [f"- the loop stopped: {stopped}"] if stopped else []
+        lines += [f"- round {r['round']}: KL reference reset to the promoted policy {r['reference']}" for r in resets]
     lines += ["", "![eval](eval.png) ![scores](scores.png) ![kl](kl.png) ![monitors](monitors.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -7,7 +7,7 @@ Old log-probs are the sampler's own (no extra forward pass); with num_iterations
 same groups see an importance ratio away from 1. Groups whose scores did not vary are skipped. A step whose
 loss or gradient is not finite is skipped and reported, leaving the weights as they were.
 
-Checkpoints (adapter or weights and optimizer state in safetensors, step and consumed groups in JSON) are
+Checkpoints (adapter or weights, optimizer state and any reset reference in safetensors, step and consumed groups in JSON) are
 written to a temporary directory and renamed; `resume` continues exactly where the last one stopped.
 """
 
@@ -129,6 +129,7 @@ class GRPOUpdater:
         else:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
         policy.model = self.model = model  # the agent samples from the adapted model
+        self.ref_adapter: list[torch.Tensor] | None = None  # LoRA weights of a reset reference (None: the base)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -224,12 +225,12 @@ class GRPOUpdater:
             raise UpdateError("a micro-batch mixes sampling temperatures; sample a run's groups at one temperature")
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast and b["mask"].is_cpu)
         with autocast:
-            logp, entropy = completion_logprobs(self.train_model, b["input_ids"], b["attention_mask"], t,
-                                                temperature, with_entropy=True)
             ref = None
-            if cfg.beta > 0:
+            if cfg.beta > 0:  # first, so that no weight is swapped while the policy's graph is alive
                 with torch.no_grad():
                     ref = self._reference_logprobs(b, t, temperature)
+            logp, entropy = completion_logprobs(self.train_model, b["input_ids"], b["attention_mask"], t,
+                                                temperature, with_entropy=True)
         # Normalise over the step: grpo and dr_grpo average over the step's sequences; bnpo and dapo over its
         # completion tokens (identical within one step, as TRL's with no accumulation).
         loss_type, scale, num_items = cfg.loss_type, len(mb) / n_seqs, None
@@ -249,8 +250,24 @@ class GRPOUpdater:
     def _reference_logprobs(self, b: dict, t: int, temperature: float) -> torch.Tensor:
         if self.ref_model is not None:
             return completion_logprobs(self.ref_model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+        if self.ref_adapter is not None:  # the reference's adapter weights in place, then the policy's back
+            current = [p.detach().clone() for p in self.params]
+            try:
+                for p, r in zip(self.params, self.ref_adapter):
+                    p.data.copy_(r)
+                return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+            finally:
+                for p, c in zip(self.params, current):
+                    p.data.copy_(c)
         with self.model.disable_adapter():
             return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+
+    def reset_reference(self) -> None:
+        """Make the current adapter the KL reference from now on (a frozen copy of its weights; checkpoints
+        keep it). LoRA only: the reference of full fine-tuning stays the starting model."""
+        if not self.cfg.lora:
+            raise UpdateError("resetting the KL reference needs a LoRA update (update.lora = true)")
+        self.ref_adapter = [p.detach().clone() for p in self.params]
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -300,6 +317,8 @@ class GRPOUpdater:
             save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
         tensors, layout = _optimizer_to_tensors(self.optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        if self.ref_adapter is not None:
+            save_file({f"p{i}": r.contiguous() for i, r in enumerate(self.ref_adapter)}, str(tmp / "reference.safetensors"))
         state = {"step": self.step, "consumed": self.consumed, "optimizer": layout, "config": asdict(self.cfg)}
         (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
         aside = root / f".{final.name}.old-{os.getpid()}"
@@ -329,6 +348,15 @@ class GRPOUpdater:
             else:
                 load_model(self.model, str(found / "model.safetensors"))
             _optimizer_from_tensors(self.optimizer, load_file(str(found / "optimizer.safetensors")), state["optimizer"])
+            reference = found / "reference.safetensors"
+            if reference.is_file():
+                saved = load_file(str(reference))
+                if len(saved) != len(self.params) or any(
+                        saved[f"p{i}"].shape != w.shape for i, w in enumerate(self.params)):
+                    raise ValueError("reference.safetensors does not match the adapter's weights")
+                self.ref_adapter = [saved[f"p{i}"] for i in range(len(self.params))]
+            else:
+                self.ref_adapter = None
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise UpdateError(f"checkpoint {found} could not be loaded ({e}); remove it to fall back to an older one") from e
         self.step, self.consumed = state["step"], state["consumed"]

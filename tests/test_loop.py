@@ -274,3 +274,41 @@ def test_the_entropy_guard_catches_a_real_collapse(policy, embedder, tmp_path):
     assert "guard min_entropy_ratio" in last["reason"] and not last["promoted"]
     assert last["eval"]["monitors"]["entropy"] < 0.5 * baseline
     assert "stop_after_rollbacks" in loop.state["stopped"]
+
+
+def test_the_reference_reset_anchors_the_kl_to_the_promoted_policy(policy, embedder, tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    agent = make_agent(policy, embedder, run / "store.sqlite")
+    loop = SelfImprovementLoop(agent, run, TASKS, EVAL, UPDATE, LoopConfig(
+        tasks_per_round=2, eval_k=2, margin=1.0, reference_reset_every=2), progress=False)
+    rows = loop.run(3)
+    assert [r["promoted"] for r in rows] == [True, True, True]
+    assert [r["reference"] for r in rows] == ["base", "base", "r2"]  # reset at the start of round 3
+    steps = read_steps(run)
+    first = {r["round"]: steps[sum(x["steps"] for x in rows[: i])] for i, r in enumerate(rows)}
+    assert first[2]["kl"] > 0  # round 2 starts from r1's adapter, still measured against the base
+    assert first[3]["kl"] == 0.0  # round 3's reference is the policy it starts from
+    reference = [t.clone() for t in loop.updater.ref_adapter]
+    promoted_r2 = load_policy_adapter(policy, run / "promoted" / "r2")
+    assert all(torch.equal(a, b) for a, b in zip(reference, promoted_r2))
+
+    # a restart reads the reference back from the checkpoint; the report names the reset
+    again = SelfImprovementLoop(make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, run / "store.sqlite"),
+                                run, TASKS, EVAL, UPDATE, LoopConfig(tasks_per_round=2, eval_k=2, margin=1.0,
+                                                                     reference_reset_every=2), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(again.updater.ref_adapter, reference))
+    report = write_report(run).read_text()
+    assert "round 3: KL reference reset to the promoted policy r2" in report
+
+
+def read_steps(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_policy_adapter(policy, directory):
+    """The LoRA weights saved in `directory`, in the order of the policy's trainable parameters."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(directory / "adapter_model.safetensors"))
+    names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    return [saved[n.replace(".default", "")] for n in names]

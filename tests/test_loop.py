@@ -266,13 +266,16 @@ def test_the_entropy_guard_catches_a_real_collapse(policy, embedder, tmp_path):
     update = UpdateConfig(learning_rate=5e-2, beta=0.0, groups_per_step=1, num_iterations=2,
                           lora_target_modules=["q_proj", "v_proj", "lm_head"])
     loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS * 4, EVAL, update, LoopConfig(
-        tasks_per_round=4, eval_k=4, margin=1.0, min_entropy_ratio=0.5, stop_after_rollbacks=1), progress=False)
+        tasks_per_round=4, eval_k=4, margin=1.0, min_entropy_ratio=0.5, min_distinct_ratio=0.5,
+        stop_after_rollbacks=1), progress=False)
     rows = loop.run(8)
     baseline = loop.rounds()[0]["eval"]["monitors"]["entropy"]
     last = rows[-1]
     assert last["eval"]["value"] > loop.rounds()[0]["eval"]["value"]  # the gamed score rose: the gate alone promotes
     assert "guard min_entropy_ratio" in last["reason"] and not last["promoted"]
     assert last["eval"]["monitors"]["entropy"] < 0.5 * baseline
+    assert "guard min_distinct_ratio" in last["reason"]  # the collapsed policy repeats itself across a group too
+    assert last["eval"]["monitors"]["distinct_rate"] < 0.5 * loop.rounds()[0]["eval"]["monitors"]["distinct_rate"]
     assert "stop_after_rollbacks" in loop.state["stopped"]
 
 

@@ -74,3 +74,18 @@ def test_labelled_harm_answers():
         assert set(r) == {"id", "request", "species", "harm", "answer", "harmful", "reason"}
         assert r["id"] in probes and isinstance(r["harmful"], bool) and r["reason"].strip()
     assert 0.2 < sum(r["harmful"] for r in rows) / len(rows) < 0.8  # both kinds, to measure recall and false flags
+
+
+def test_the_other_domain_set_is_supported_and_apart_from_conservation():
+    other = DATA.parent / "astronomy"
+    passages = {p["id"]: p for p in map(json.loads, (other / "passages.jsonl").read_text().splitlines())}
+    rows = [json.loads(line) for line in (other / "eval.jsonl").read_text().splitlines() if line.strip()]
+    assert len(passages) >= 60 and len(rows) >= 40 and len({r["id"] for r in rows}) == len(rows)
+    conservation = {norm(p["text"]) for p in read("passages.jsonl")}
+    for p in passages.values():
+        assert set(p) == {"id", "text", "source", "metadata"} and p["source"].strip(), p["id"]
+        assert norm(p["text"]) not in conservation, p["id"]
+    for r in rows:
+        assert set(r) == {"id", "question", "answer", "aliases", "passage_id"}
+        assert r["answer"].lower() in passages[r["passage_id"]]["text"].lower(), f"{r['id']}: answer not in passage"
+        assert f" {norm(r['answer'])} " not in f" {norm(r['question'])} ", f"{r['id']}: the question gives the answer away"

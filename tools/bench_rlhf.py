@@ -1,0 +1,327 @@
+"""What the standard RLHF recipe costs on the same task, against label-free GRPO: compute to reach a score.
+
+RLHF as InstructGPT runs it, at small scale on the bundled model (LoRA r=16 on every model, fp32):
+  1. preference data: the base model answers each pool question K times; pairs (right, wrong) are made by
+     the gold answers, standing in for the annotators' labels RLHF needs (label-free GRPO needs none);
+  2. reward model: the bundled model with a scalar head, trained on the pairs (Bradley-Terry loss);
+  3. PPO: for each batch, sample; score with the reward model; reference and value forward passes; per-token
+     reward = -kl_coef * (logp - ref_logp), plus the reward model's score on the last token; GAE; one clipped
+     policy step and one clipped value step (the value model starts from the reward model).
+Label-free GRPO (ours): sample, self-score (embeddings, no language-model pass), reference forward, one
+clipped policy step. Both learn from the same pool questions (data split as tools/bench_quality.py),
+the same K, lengths, temperature, learning rate and number of groups, and are evaluated at the same points
+on held-out questions (single-sample accuracy of K sampled answers).
+
+Compute is counted in language-model token passes (prompt + completion tokens of every forward and every
+backward pass, and tokens generated) and in wall time, per stage. The report gives, for each method, the
+compute spent to first reach label-free GRPO's final held-out score (RLHF's includes its preference data
+and reward model), or says it never got there within the budget.
+
+    .venv/bin/python tools/bench_rlhf.py [--groups 60 --eval-every 20 --held-out 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_quality import load_data, measure_answers
+from benchlib import write_report
+
+from grpo_agent.agent import GRPOAgent
+from grpo_agent.config import LORA_TARGETS, Config, SamplingConfig, UpdateConfig
+from grpo_agent.evaluation import is_correct
+from grpo_agent.grpo import completion_logprobs
+from grpo_agent.policy import convert_bundled, load_policy
+from grpo_agent.retrieval import Embedder
+from grpo_agent.updater import GRPOUpdater, Row, collate
+
+
+class Ledger:
+    """Token passes and seconds per stage: generated tokens, forward tokens and backward tokens."""
+
+    def __init__(self):
+        self.tokens: Counter = Counter()
+        self.seconds: Counter = Counter()
+
+    def add(self, stage: str, kind: str, tokens: int) -> None:
+        self.tokens[f"{stage}.{kind}"] += int(tokens)
+
+    def total(self) -> dict:
+        return {"token_passes": sum(self.tokens.values()), "seconds": sum(self.seconds.values())}
+
+
+def real_tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def scalar_model(spec: str, lr: float):
+    """The policy's model with a scalar head per token (reward or value), LoRA on the body, head trained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForTokenClassification
+
+    from transformers.utils import logging
+
+    path = convert_bundled() if spec == "default" else spec
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS),
+                                             task_type="TOKEN_CLS", modules_to_save=["score"]))
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def scalars(model, batch: dict) -> torch.Tensor:
+    """(B, L) head outputs at every position."""
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=position_ids).logits[..., 0]
+
+
+def last_completion_value(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The head's output at each row's last completion token."""
+    t = batch["mask"].shape[1]
+    last = batch["mask"].sum(-1).long() - 1  # index within the completion
+    return values[:, -t:].gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def rows_of(groups) -> list[Row]:
+    return [Row(g.prompt_token_ids, c.token_ids, c.logprobs, 0.0, g.temperature or 1.0, g.group_id)
+            for g in groups for c in g.completions]
+
+
+# ----- 1 + 2: preference pairs and the reward model --------------------------------------------------------
+def preference_pairs(agent: GRPOAgent, pool: list[dict], ledger: Ledger, seed: int) -> list[tuple[Row, Row]]:
+    t0 = time.perf_counter()
+    pairs = []
+    for i in range(0, len(pool), 8):
+        chunk = pool[i : i + 8]
+        groups, _ = agent.sample_groups([t["question"] for t in chunk], seed=seed + i)
+        ledger.add("preferences", "generated", sum(len(c.token_ids) for g in groups for c in g.completions))
+        ledger.add("preferences", "forward", sum(len(g.prompt_token_ids) for g in groups))  # prefill
+        for t, g in zip(chunk, groups):
+            rows = rows_of([g])
+            right = [r for r, c in zip(rows, g.completions) if is_correct(c.text, t["answer"], t.get("aliases", ()))]
+            wrong = [r for r, c in zip(rows, g.completions) if not is_correct(c.text, t["answer"], t.get("aliases", ()))]
+            pairs += [(a, b) for a in right for b in wrong][:4]
+    ledger.seconds["preferences"] += time.perf_counter() - t0
+    return pairs
+
+
+def train_reward_model(pairs, args, ledger: Ledger, pad_id: int):
+    """Bradley-Terry on (chosen, rejected) pairs; returns the model and its accuracy on held-back pairs."""
+    if len(pairs) < 10:
+        raise SystemExit(f"only {len(pairs)} preference pairs: the base model's answers to the pool were almost all "
+                         "right or all wrong; use more pool questions (--pool 0) or a higher --temperature")
+    rng = random.Random(args.seed)
+    pairs = pairs[:]
+    rng.shuffle(pairs)
+    cut = max(1, len(pairs) // 5)
+    test, train = pairs[:cut], pairs[cut:]
+    model, opt = scalar_model(args.model, args.rm_lr)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(args.rm_epochs):
+        rng.shuffle(train)
+        for i in range(0, len(train), 8):
+            chunk = train[i : i + 8]
+            batch = collate([a for a, _ in chunk] + [b for _, b in chunk], pad_id, torch.device("cpu"))
+            score = last_completion_value(scalars(model, batch), batch)
+            loss = -F.logsigmoid(score[: len(chunk)] - score[len(chunk) :]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ledger.add("reward_model", "forward", real_tokens(batch))
+            ledger.add("reward_model", "backward", real_tokens(batch))
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(test), 8):
+            chunk = test[i : i + 8]
+            batch = collate([a for a, _ in chunk] + [b for _, b in chunk], pad_id, torch.device("cpu"))
+            score = last_completion_value(scalars(model, batch), batch)
+            right += int((score[: len(chunk)] > score[len(chunk) :]).sum())
+    ledger.seconds["reward_model"] += time.perf_counter() - t0
+    return model, right / len(test)
+
+
+# ----- 3: PPO ----------------------------------------------------------------------------------------------
+class PPO:
+    """PPO with a value model and a reward model, one epoch per batch (InstructGPT's recipe, small)."""
+
+    def __init__(self, policy, reward_model, args):
+        from peft import LoraConfig, get_peft_model
+
+        self.policy, self.reward_model, self.args = policy, reward_model, args
+        policy.model = get_peft_model(policy.model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS),
+                                                               task_type="CAUSAL_LM"))
+        self.model = policy.model
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr)
+        self.value = copy.deepcopy(reward_model)  # InstructGPT: the value model starts from the reward model
+        self.value_opt = torch.optim.AdamW([p for p in self.value.parameters() if p.requires_grad], lr=args.lr)
+
+    def step(self, groups, ledger: Ledger) -> dict:
+        a = self.args
+        batch = collate(rows_of(groups), self.policy.pad_token_id, self.policy.device)
+        n, mask, t = real_tokens(batch), batch["mask"], batch["mask"].shape[1]
+        temperature = groups[0].temperature or 1.0
+        with torch.no_grad():
+            score = last_completion_value(scalars(self.reward_model, batch), batch)
+            with self.model.disable_adapter():
+                ref = completion_logprobs(self.model, batch["input_ids"], batch["attention_mask"], t, temperature)[0]
+            old_values = scalars(self.value, batch)[:, -t - 1 : -1]  # value of the state before each token
+            for model in ("reward_model", "reference", "value_rollout"):
+                ledger.add("ppo", f"{model}.forward", n)
+            old = batch["old_logp"]
+            rewards = -a.kl_coef * (old - ref) * mask
+            last = mask.sum(-1).long() - 1
+            rewards[torch.arange(len(last)), last] += score
+            advantages = torch.zeros_like(rewards)
+            running = torch.zeros(len(rewards))
+            for i in reversed(range(t)):  # GAE, gamma 1
+                next_value = old_values[:, i + 1] * mask[:, i + 1] if i + 1 < t else torch.zeros(len(rewards))
+                delta = rewards[:, i] + next_value - old_values[:, i]
+                running = (delta + a.lam * running) * mask[:, i]
+                advantages[:, i] = running
+            returns = advantages + old_values
+            mean = (advantages * mask).sum() / mask.sum()
+            std = (((advantages - mean) ** 2 * mask).sum() / mask.sum()).sqrt()
+            advantages = (advantages - mean) / (std + 1e-8) * mask
+        self.model.train()
+        logp = completion_logprobs(self.model, batch["input_ids"], batch["attention_mask"], t, temperature)[0]
+        ratio = torch.exp(logp - old)
+        surrogate = -torch.min(ratio * advantages, ratio.clamp(1 - a.clip, 1 + a.clip) * advantages)
+        policy_loss = (surrogate * mask).sum() / mask.sum()
+        self.opt.zero_grad()
+        policy_loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        self.opt.step()
+        self.model.eval()
+        ledger.add("ppo", "policy.forward", n)
+        ledger.add("ppo", "policy.backward", n)
+        self.value.train()
+        values = scalars(self.value, batch)[:, -t - 1 : -1]
+        clipped = old_values + (values - old_values).clamp(-a.clip, a.clip)
+        value_loss = 0.5 * (torch.max((values - returns) ** 2, (clipped - returns) ** 2) * mask).sum() / mask.sum()
+        self.value_opt.zero_grad()
+        value_loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.value.parameters() if p.requires_grad], 1.0)
+        self.value_opt.step()
+        self.value.eval()
+        ledger.add("ppo", "value.forward", n)
+        ledger.add("ppo", "value.backward", n)
+        return {"reward": score.mean().item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                "kl": float(((old - ref) * mask).sum() / mask.sum())}
+
+
+# ----- the runs ----------------------------------------------------------------------------------------------
+def run(method: str, data: dict, args, embedder: Embedder) -> dict:
+    cfg = Config(sampling=SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+    policy = load_policy(args.model)
+    agent = GRPOAgent.from_config(cfg, policy=policy, index=data["index"], embedder=embedder)
+    ledger = Ledger()
+    record: dict = {"method": method}
+    if method == "rlhf":
+        pairs = preference_pairs(agent, data["pool"][: args.pool or None], ledger, seed=args.seed * 7919)
+        reward_model, accuracy = train_reward_model(pairs, args, ledger, policy.pad_token_id)
+        record.update(pairs=len(pairs), reward_model_pair_accuracy=accuracy)
+        print(f"rlhf: {len(pairs)} preference pairs, reward model pair accuracy {accuracy:.3f} on held-back pairs, "
+              f"{ledger.seconds['preferences'] + ledger.seconds['reward_model']:.0f} s", flush=True)
+        learner = PPO(policy, reward_model, args)
+    else:
+        learner = GRPOUpdater(policy, UpdateConfig(learning_rate=args.lr, groups_per_step=args.groups_per_step,
+                                                   seed=args.seed))
+    rng = random.Random(args.seed)
+    tasks = [data["pool"][i % len(data["pool"])] for i in rng.sample(range(len(data["pool"])), len(data["pool"]))]
+    tasks = (tasks * (args.groups // len(tasks) + 1))[: args.groups]
+    curve = [{"groups": 0, **ledger.total(), "accuracy": args.base_accuracy}]
+    for i in range(0, len(tasks), args.sample_batch):
+        chunk = tasks[i : i + args.sample_batch]
+        t0 = time.perf_counter()
+        groups, contexts = agent.sample_groups([t["question"] for t in chunk], seed=args.seed * 1_000_003 + i)
+        ledger.add(method, "generated", sum(len(c.token_ids) for g in groups for c in g.completions))
+        ledger.add(method, "forward", sum(len(g.prompt_token_ids) for g in groups))  # prefill
+        ledger.seconds[f"{method}.sample"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if method == "rlhf":
+            for g in range(0, len(groups), args.groups_per_step):
+                learner.step(groups[g : g + args.groups_per_step], ledger)
+        else:
+            agent.scorer.score_groups(groups, contexts)
+            ledger.seconds[f"{method}.score"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            usable = [g for g in groups if not g.zero_variance]
+            n = sum(len(g.prompt_token_ids) + len(c.token_ids) for g in usable for c in g.completions)
+            learner.train(groups)
+            for model in ("reference.forward", "policy.forward", "policy.backward"):
+                ledger.add(method, model, n)
+        ledger.seconds[f"{method}.update"] += time.perf_counter() - t0
+        done = i + len(chunk)
+        if done % args.eval_every == 0 or done == len(tasks):
+            m = measure_answers(agent, data["held_out"], args.eval_k, seed=10_000)
+            curve.append({"groups": done, **ledger.total(), "accuracy": m["accuracy"]})
+            print(f"{method}: {done} groups, held-out accuracy {m['accuracy']:.3f}, "
+                  f"{curve[-1]['token_passes'] / 1e6:.2f} M token passes, {curve[-1]['seconds']:.0f} s", flush=True)
+    record.update(curve=curve, ledger=dict(ledger.tokens), seconds=dict(ledger.seconds))
+    return record
+
+
+def first_reaching(curve: list[dict], target: float) -> dict | None:
+    return next((p for p in curve if p["groups"] > 0 and p["accuracy"] >= target), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default", help='the policy: "default" (bundled) or a local model directory')
+    ap.add_argument("--groups", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--sample-batch", type=int, default=4)
+    ap.add_argument("--groups-per-step", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate of the policy (and value) models")
+    ap.add_argument("--rm-lr", type=float, default=1e-4)
+    ap.add_argument("--rm-epochs", type=int, default=2)
+    ap.add_argument("--kl-coef", type=float, default=0.04, help="PPO's per-token KL penalty (GRPO's beta)")
+    ap.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    ap.add_argument("--clip", type=float, default=0.2)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--eval-k", type=int, default=4)
+    ap.add_argument("--held-out", type=int, default=48, help="held-out questions evaluated at each point")
+    ap.add_argument("--other", type=int, default=1)
+    ap.add_argument("--harm", type=int, default=1)
+    ap.add_argument("--pool", type=int, default=0, help="pool questions the preference pairs come from (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="tools/results/bench_rlhf.json")
+    args = ap.parse_args()
+
+    embedder = Embedder()
+    data = load_data(args, embedder)
+    cfg = Config(sampling=SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+    base = GRPOAgent.from_config(cfg, policy=load_policy(args.model), index=data["index"], embedder=embedder)
+    args.base_accuracy = measure_answers(base, data["held_out"], args.eval_k, seed=10_000)["accuracy"]
+    print(f"base held-out accuracy {args.base_accuracy:.3f}", flush=True)
+    results = [run("grpo", data, args, embedder), run("rlhf", data, args, embedder)]
+    target = results[0]["curve"][-1]["accuracy"]
+    for r in results:
+        r["to_reach_grpo_final"] = first_reaching(r["curve"], target)
+        hit = r["to_reach_grpo_final"]
+        print(f"{r['method']}: reaches {target:.3f} " + (
+            f"after {hit['groups']} groups, {hit['token_passes'] / 1e6:.2f} M token passes, {hit['seconds']:.0f} s"
+            if hit else "never within the budget"), flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "other", "harm")}
+    write_report({"benchmark": "rlhf", "settings": settings, "target_accuracy": target, "results": results},
+                 Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

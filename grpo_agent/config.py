@@ -79,10 +79,10 @@ class ScoringConfig:
     safety_rules: str | None = None  # rule file for the safety signal; None: the bundled conservation rules
     judge: str = "policy"  # the reasoning signal's judge: "policy" (itself) or a local model directory
     feedback_weight: float = 0.5  # weight of clients' ratings (POST /v1/feedback) blended into a rated answer's composite
-    # Collapse guards in the reward (0: off): subtracted from the composite, so shrinking or looping answers lose.
-    length_penalty: float = 0.0  # times the share of min_answer_words an answer falls short by
+    # Collapse guards in the reward (0: off): the composite is scaled by 1 - penalty, so shrinking or looping loses.
+    length_penalty: float = 0.0  # penalty: this times the share of min_answer_words an answer falls short by
     min_answer_words: int = 8  # answers shorter than this many words pay the length penalty
-    repetition_penalty: float = 0.0  # times the share of an answer's word 3-grams that repeat an earlier one
+    repetition_penalty: float = 0.0  # penalty: this times the share of its word 3-grams that repeat earlier ones
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, dict):

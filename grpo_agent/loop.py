@@ -93,6 +93,8 @@ class SelfImprovementLoop:
             self._snapshot(BASE)
         if self.updater is not None and latest_checkpoint(self.checkpoints):
             self.updater.resume(self.checkpoints)
+        if self.updater is not None:
+            self._load_reference()
         agent.policy.version = self.state["promoted_version"]
 
     @property
@@ -112,7 +114,12 @@ class SelfImprovementLoop:
         """What makes two evals comparable: the metric, and the held-out questions."""
         labelled = not self.cfg.label_free and all("answer" in t for t in self.eval_tasks)
         digest = hashlib.sha1(json.dumps([t["question"] for t in self.eval_tasks]).encode()).hexdigest()[:12]
-        return {"metric": "accuracy" if labelled else "composite", "eval_tasks": digest}
+        identity = {"metric": "accuracy" if labelled else "composite", "eval_tasks": digest}
+        if not labelled:  # the composite depends on how it is scored
+            s = self.agent.scorer
+            setup = {"weights": s.weights, "gates": list(s.gates), "penalty": getattr(s, "penalty", {})}
+            identity["scoring"] = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
+        return identity
 
     def _save_state(self) -> None:
         write_json_atomic(self.run_dir / "state.json", self.state)
@@ -129,7 +136,8 @@ class SelfImprovementLoop:
     def run(self, rounds: int) -> list[dict]:
         """Run rounds until `rounds` have been completed in this run directory; returns their rows."""
         identity = self._eval_identity()
-        if self.state.get("eval_identity", identity) != identity:
+        recorded = self.state.get("eval_identity", identity)  # runs from before a key existed compare on the rest
+        if any(recorded[k] != identity.get(k) for k in recorded):
             raise LoopError(
                 f"{self.run_dir} was gated on {self.state['eval_identity']} but this run evaluates {identity}: the "
                 "evals would not compare. Use the same eval set and labels setting, or a new run directory")
@@ -181,14 +189,26 @@ class SelfImprovementLoop:
         self._save_state()
         return self._finish_gate(self.state["pending"])
 
+    def _load_reference(self) -> None:
+        """The KL reference is what state.json names: the base, or the promoted snapshot it was reset to (read
+        from that snapshot, whatever checkpoint was resumed). With reference_reset_every = 0 it is the base."""
+        version = self.state.get("reference_version", BASE)
+        if not self.cfg.reference_reset_every and version != BASE:
+            self.state.update(reference_version=BASE, reference_round=None)
+            self._save_state()
+            version = BASE
+        if version == BASE:
+            self.updater.ref_adapter = None
+        else:
+            self.updater.reset_reference(self._snapshot_path(version))
+
     def _reset_reference(self, r: int) -> None:
-        """Every reference_reset_every rounds, anchor the KL to the promoted policy (the weights in hand at the
-        start of a round) instead of the base; the checkpoint keeps the new reference across restarts."""
+        """Every reference_reset_every rounds, anchor the KL to the promoted policy (its snapshot) instead of
+        the base; state.json names the reference, so a restart restores it."""
         every = self.cfg.reference_reset_every
         if self.updater is None or not every or r == 1 or (r - 1) % every or self.state.get("reference_round") == r:
             return
-        self.updater.reset_reference()
-        self.updater.save_checkpoint(self.checkpoints)
+        self.updater.reset_reference(self._snapshot_path(self.state["promoted_version"]))
         self.state.update(reference_round=r, reference_version=self.state["promoted_version"])
         self._save_state()
 

@@ -114,7 +114,8 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     resets = [r for prev, r in zip(done, done[1:]) if r.get("reference", BASE) != prev.get("reference", BASE)]
     resets = ([done[0]] if done and done[0].get("reference", BASE) != BASE else []) + resets
     if fired or stopped or resets:
-        lines += ["", "Guards that fired:", ""] + [f"- round {r['round']}: {'; '.join(r['guards'])}" for r in fired]
+        lines += ["", "Guards and reference resets:", ""] + [f"- round {r['round']}: {'; '.join(r['guards'])}"
+                                                            for r in fired]
         lines += [f"- the loop stopped: {stopped}"] if stopped else []
         lines += [f"- round {r['round']}: KL reference reset to the promoted policy {r['reference']}" for r in resets]
     lines += ["", "![eval](eval.png) ![scores](scores.png) ![kl](kl.png) ![monitors](monitors.png)", ""]

@@ -251,23 +251,37 @@ class GRPOUpdater:
         if self.ref_model is not None:
             return completion_logprobs(self.ref_model, b["input_ids"], b["attention_mask"], t, temperature)[0]
         if self.ref_adapter is not None:  # the reference's adapter weights in place, then the policy's back
-            current = [p.detach().clone() for p in self.params]
+            current, training = [p.detach().clone() for p in self.params], self.model.training
             try:
+                self.model.eval()  # no LoRA dropout: the reference is deterministic
                 for p, r in zip(self.params, self.ref_adapter):
                     p.data.copy_(r)
                 return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
             finally:
                 for p, c in zip(self.params, current):
                     p.data.copy_(c)
+                self.model.train(training)
         with self.model.disable_adapter():
             return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
 
-    def reset_reference(self) -> None:
-        """Make the current adapter the KL reference from now on (a frozen copy of its weights; checkpoints
-        keep it). LoRA only: the reference of full fine-tuning stays the starting model."""
+    def reset_reference(self, adapter: str | os.PathLike | None = None) -> None:
+        """Make the current adapter (or the one saved in `adapter`, a LoRA adapter directory) the KL reference
+        from now on: a frozen copy of its weights, kept in checkpoints. LoRA only: the reference of full
+        fine-tuning stays the starting model."""
         if not self.cfg.lora:
             raise UpdateError("resetting the KL reference needs a LoRA update (update.lora = true)")
-        self.ref_adapter = [p.detach().clone() for p in self.params]
+        if adapter is None:
+            self.ref_adapter = [p.detach().clone() for p in self.params]
+            return
+        from safetensors.torch import load_file
+
+        saved = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        tag = f".{self.model.active_adapter}"
+        missing = [n for n in names if n.replace(tag, "") not in saved]
+        if missing or len(saved) != len(names):
+            raise UpdateError(f"adapter {adapter} does not match the trained adapter (first missing: {missing[:1]})")
+        self.ref_adapter = [saved[n.replace(tag, "")].to(w.device, w.dtype) for n, w in zip(names, self.params)]
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         if self.world == 1:

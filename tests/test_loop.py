@@ -280,28 +280,47 @@ def test_the_entropy_guard_catches_a_real_collapse(policy, embedder, tmp_path):
 
 
 def test_the_reference_reset_anchors_the_kl_to_the_promoted_policy(policy, embedder, tmp_path, tiny_model_dir):
+    from grpo_agent.grpo import completion_logprobs
+    from grpo_agent.updater import collate, trainable_rows
+
     run = tmp_path / "run"
+    cfg = LoopConfig(tasks_per_round=2, eval_k=2, margin=1.0, reference_reset_every=2)
     agent = make_agent(policy, embedder, run / "store.sqlite")
-    loop = SelfImprovementLoop(agent, run, TASKS, EVAL, UPDATE, LoopConfig(
-        tasks_per_round=2, eval_k=2, margin=1.0, reference_reset_every=2), progress=False)
+    loop = SelfImprovementLoop(agent, run, TASKS, EVAL, UPDATE, cfg, progress=False)
     rows = loop.run(3)
     assert [r["promoted"] for r in rows] == [True, True, True]
     assert [r["reference"] for r in rows] == ["base", "base", "r2"]  # reset at the start of round 3
     steps = read_steps(run)
-    first = {r["round"]: steps[sum(x["steps"] for x in rows[: i])] for i, r in enumerate(rows)}
-    assert first[2]["kl"] > 0  # round 2 starts from r1's adapter, still measured against the base
-    assert first[3]["kl"] == 0.0  # round 3's reference is the policy it starts from
-    reference = [t.clone() for t in loop.updater.ref_adapter]
-    promoted_r2 = load_policy_adapter(policy, run / "promoted" / "r2")
-    assert all(torch.equal(a, b) for a, b in zip(reference, promoted_r2))
+    start = [sum(x["steps"] for x in rows[:i]) for i in range(len(rows))]
+    assert rows[2]["steps"] >= 2
+    assert steps[start[1]]["kl"] > 0  # round 2 starts from r1's adapter, still measured against the base
+    assert steps[start[2]]["kl"] == 0.0  # round 3's reference is the policy it starts from ...
+    assert steps[start[2] + 1]["kl"] > 0  # ... and the policy moves away from it
+    r2 = load_policy_adapter(policy, run / "promoted" / "r2")
+    assert all(torch.equal(a, b) for a, b in zip(loop.updater.ref_adapter, r2))
 
-    # a restart reads the reference back from the checkpoint; the report names the reset
-    again = SelfImprovementLoop(make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, run / "store.sqlite"),
-                                run, TASKS, EVAL, UPDATE, LoopConfig(tasks_per_round=2, eval_k=2, margin=1.0,
-                                                                     reference_reset_every=2), progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(again.updater.ref_adapter, reference))
-    report = write_report(run).read_text()
-    assert "round 3: KL reference reset to the promoted policy r2" in report
+    # the reference pass reads r2's weights and puts the policy's back, bit for bit
+    updater = loop.updater
+    batch = collate(trainable_rows(agent.store.groups())[0][0], policy.pad_token_id, policy.device)
+    t = batch["mask"].shape[1]
+    before = [p.detach().clone() for p in updater.params]
+    with torch.no_grad():
+        ref = updater._reference_logprobs(batch, t, 1.0)
+        assert all(torch.equal(a, b) for a, b in zip(before, updater.params))
+        assert not torch.equal(ref, completion_logprobs(policy.model, batch["input_ids"], batch["attention_mask"], t)[0])
+        policy.load_adapter(run / "promoted" / "r2")
+        expected = completion_logprobs(policy.model, batch["input_ids"], batch["attention_mask"], t)[0]
+    assert torch.allclose(ref, expected, atol=1e-6)
+
+    # a restart takes the reference state.json names; the report names the reset
+    def restart(config):
+        agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, run / "store.sqlite")
+        return SelfImprovementLoop(agent, run, TASKS, EVAL, UPDATE, config, progress=False)
+
+    assert all(torch.equal(a, b) for a, b in zip(restart(cfg).updater.ref_adapter, r2))
+    assert "round 3: KL reference reset to the promoted policy r2" in write_report(run).read_text()
+    off = restart(LoopConfig(tasks_per_round=2, eval_k=2, margin=1.0))  # reset turned off: the base again
+    assert off.updater.ref_adapter is None and off.state["reference_version"] == "base"
 
 
 def read_steps(run):

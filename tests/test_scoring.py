@@ -253,9 +253,11 @@ def test_length_and_repetition_penalties_turn_a_degenerate_reward_around(embedde
     penalty = scored.signals["penalty"]
     assert penalty[0] == pytest.approx(1 - 1 / 8) and penalty[1] == 0.0
     assert penalty[2] == pytest.approx(repetition(looping)) and penalty[2] > 0.5
-    assert scored.composite[0] == pytest.approx(max(0.0, plain.composite[0] - penalty[0]))
+    assert scored.composite[0] == pytest.approx(plain.composite[0] * (1 - penalty[0]))
     assert scored.best == 1 and scored.ranking[-1] != 1  # the full answer now ranks first
     assert group.completions[2].scores["penalty"] == penalty[2]  # recorded with the other signals
+    short = guarded.score_group(group_of("Yes.", "No, never."), CONTEXT)[0]  # all short: still a signal to learn
+    assert 0 < short.composite[0] < short.composite[1]
     cfg = config_from_dict({"scoring": {"length_penalty": 0.5, "min_answer_words": 5, "repetition_penalty": 0.2,
                                         "weights": {"education": 1.0}}})
     assert build_self_scorer(cfg.scoring, embedder=embedder).penalty == {

@@ -212,7 +212,10 @@ def main() -> None:
 
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    results = previous.get("results", []) if previous.get("settings") == settings else []
+    if previous.get("results") and previous.get("settings") != settings:
+        raise SystemExit(f"{out} holds results measured with other settings ({previous.get('settings')}); "
+                         "give another --out, or move that file away to start over")
+    results = previous.get("results", [])
     done = {(r["system"], r["seed"]) for r in results}
 
     embedder = Embedder()

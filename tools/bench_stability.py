@@ -72,6 +72,12 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
     )
     agent = GRPOAgent.from_config(cfg, store_path=run / "store.sqlite", policy=load_policy("default"),
                                   index=data["index"], embedder=data["embedder"])
+    settings = {k: v for k, v in vars(args).items() if k not in ("rounds", "seeds", "settings", "runs", "out")}
+    saved = run / "bench_settings.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise SystemExit(f"{run} was run with other settings ({saved.read_text().strip()}); use another --runs")
+    run.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings) + "\n")
     loop = SelfImprovementLoop(agent, run, data["tasks"], data["gate"], cfg.update, cfg.loop, progress=False)
     path = run / "measures.jsonl"
     measured = {m["round"]: m for m in read_jsonl(path)} if path.is_file() else {}
@@ -85,14 +91,13 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
               f" ({row['policy_version']}); held-out accuracy {m['accuracy']:.3f}, harmful {m['harmful_rate']:.3f}"
               + (f"; {'; '.join(row.get('guards') or [])}" if row.get("guards") else ""), flush=True)
 
-    for row in loop.rounds():  # rounds done in an earlier sitting but not measured: measure their policy
-        if row["round"] not in measured:
-            current = agent.policy.version
-            if row["policy_version"] != current:
-                agent.policy.load_adapter(run / "promoted" / row["policy_version"], version=row["policy_version"])
-            record(row)
-            if row["policy_version"] != current:
-                agent.policy.load_adapter(run / "promoted" / current, version=current)
+    missing = [row for row in loop.rounds() if row["round"] not in measured]
+    for row in missing:  # rounds done in an earlier sitting but not measured: measure their promoted policy
+        agent.policy.load_adapter(run / "promoted" / row["policy_version"], version=row["policy_version"])
+        record(row)
+    if missing:  # back to the weights the loop resumed from
+        loop.updater.resume(loop.checkpoints)
+        agent.policy.version = loop.state["promoted_version"]
     if 0 not in measured:  # the starting policy: round 0
         record({"round": 0, "policy_version": agent.policy.version, "promoted": True})
     while loop.state["round"] < args.rounds and not loop.state.get("stopped"):

@@ -11,9 +11,12 @@ Advantages follow TRL's GRPO (scale_rewards) and Dr. GRPO:
 A group whose rewards do not vary (std_g <= tol) carries no signal: it is flagged and its advantages are 0,
 so the updater can skip it without a backward pass.
 
-Length and repetition penalties (collapse guards, off by default) are subtracted from the composite:
-    length_penalty * max(0, 1 - words / min_answer_words) + repetition_penalty * repeated word 3-gram share
-so a policy cannot win by answering ever shorter or by repeating itself; the composite stays >= 0.
+Length and repetition penalties (collapse guards, off by default) scale the composite down:
+    penalty_i   = min(1, length_penalty * max(0, 1 - words_i / min_answer_words)
+                         + repetition_penalty * share of answer i's word 3-grams that repeat an earlier one)
+    composite_i = composite_i * (1 - penalty_i)
+so answering shorter or repeating itself costs an answer in proportion; a group of equally short answers
+keeps its order (and its signal), and the composite stays in [0, 1].
 """
 
 from __future__ import annotations
@@ -87,13 +90,13 @@ def penalties(texts: Sequence[str], length_penalty: float = 0.0, min_answer_word
     out = []
     for text in texts:
         short = max(0.0, 1.0 - len(text.split()) / min_answer_words) if min_answer_words else 0.0
-        out.append(length_penalty * short + repetition_penalty * repetition(text))
+        out.append(min(1.0, length_penalty * short + repetition_penalty * repetition(text)))
     return out
 
 
 def apply_penalties(scored: GroupScores, penalty: Sequence[float]) -> None:
-    """Subtract the penalties from the composite (not below 0), re-rank, and report them as a signal."""
-    scored.composite = [max(0.0, c - p) for c, p in zip(scored.composite, penalty)]
+    """Scale the composite by (1 - penalty), re-rank, and report the penalties as a signal."""
+    scored.composite = [c * (1.0 - p) for c, p in zip(scored.composite, penalty)]
     scored.ranking = sorted(range(len(scored.composite)), key=lambda i: -scored.composite[i])
     scored.signals["penalty"] = list(penalty)
 

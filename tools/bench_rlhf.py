@@ -296,7 +296,7 @@ def main() -> None:
     ap.add_argument("--groups-per-step", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate of the policy (and value) models")
     ap.add_argument("--rm-lr", type=float, default=1e-4)
-    ap.add_argument("--rm-epochs", type=int, default=2)
+    ap.add_argument("--rm-epochs", type=int, default=1, help="passes over the pairs (InstructGPT: 1)")
     ap.add_argument("--kl-coef", type=float, default=0.04, help="PPO's per-token KL penalty (GRPO's beta)")
     ap.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     ap.add_argument("--clip", type=float, default=0.2, help="ratio clipped below at 1 - clip (and the value clip)")

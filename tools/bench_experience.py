@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import DATA, read_jsonl, write_report
+from benchlib import DATA, harmful_rate, read_jsonl, write_report
 
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig
@@ -28,25 +28,13 @@ from grpo_agent.evaluation import evaluate
 from grpo_agent.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
-from grpo_agent.scoring import ScoreContext, make_scorer
 from grpo_agent.updater import GRPOUpdater
-
-
-def harm_rate(agent: GRPOAgent, probes: list[dict], species: list[str], batch: int = 8) -> dict:
-    """Share of greedy answers to the harm probes that the safety rules flag."""
-    rules = make_scorer("safety", species=species).rules
-    flagged = 0
-    for i in range(0, len(probes), batch):
-        chunk = probes[i : i + batch]
-        replies = agent.respond_batch([p["request"] for p in chunk], log=False, k=1, temperature=0.0)
-        flagged += sum(rules.check(r.answer, p["request"]) is not None for r, p in zip(replies, chunk))
-    return {"flagged_rate": flagged / len(probes), "n": len(probes)}
 
 
 def measure(name: str, agent: GRPOAgent, eval_tasks, probes, species) -> dict:
     t0 = time.perf_counter()
     accuracy = evaluate(agent, eval_tasks, label_free=False, progress=False)
-    harm = harm_rate(agent, probes, species)
+    harm = {"flagged_rate": harmful_rate(agent, probes, species), "n": len(probes)}
     row = {"system": name, "accuracy": accuracy["value"], "eval_n": accuracy["n"],
            "harm_flagged_rate": harm["flagged_rate"], "harm_n": harm["n"], "eval_seconds": time.perf_counter() - t0}
     print(f"{name:14s} accuracy {row['accuracy']:.3f} (n={row['eval_n']})  harmful advice flagged "

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import DATA, read_jsonl, write_report
+from benchlib import DATA, harmful_rate, read_jsonl, write_report
 
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig, UpdateConfig
@@ -85,19 +85,6 @@ def measure_answers(agent: GRPOAgent, tasks: list[dict], k: int, seed: int, batc
             "grounded_rate": n_grounded / n, "answer_tokens": sum(tokens) / len(tokens), "questions": q, "k": k}
 
 
-def harmful_rate(agent: GRPOAgent, probes: list[dict], species: list[str], k: int, seed: int,
-                 batch: int = 8) -> float:
-    rules = make_scorer("safety", species=species).rules
-    flagged = n = 0
-    for i in range(0, len(probes), batch):
-        chunk = probes[i : i + batch]
-        groups, _ = agent.sample_groups([p["request"] for p in chunk], k=k, seed=seed + i)
-        for p, g in zip(chunk, groups):
-            flagged += sum(rules.check(c.text, p["request"]) is not None for c in g.completions)
-            n += len(g.completions)
-    return flagged / n
-
-
 def measure(agent: GRPOAgent, data: dict, args) -> dict:
     t0 = time.perf_counter()
     row = {"held_out": measure_answers(agent, data["held_out"], args.eval_k, seed=10_000)}
@@ -107,7 +94,7 @@ def measure(agent: GRPOAgent, data: dict, args) -> dict:
         row["other"] = measure_answers(agent, data["other"], args.eval_k, seed=20_000)
     finally:
         agent.retriever, agent.system = conservation
-    row["harmful_rate"] = harmful_rate(agent, data["harm"], data["species"], args.harm_k, seed=30_000)
+    row["harmful_rate"] = harmful_rate(agent, data["harm"], data["species"], k=args.harm_k, seed=30_000)
     row["eval_seconds"] = time.perf_counter() - t0
     return row
 

@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from benchlib import DATA, read_jsonl, write_report
+from benchlib import DATA, harmful_rate, read_jsonl, write_report
 
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, LoopConfig, SamplingConfig, ScoringConfig, UpdateConfig
@@ -35,21 +35,10 @@ from grpo_agent.loop import SelfImprovementLoop
 from grpo_agent.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
-from grpo_agent.scoring import make_scorer
 
 SETTINGS = ("unguarded", "guarded")
 GUARDS = {"max_kl": 0.05, "min_entropy_ratio": 0.6, "min_distinct_ratio": 0.6, "min_length_ratio": 0.6}
 PENALTIES = {"length_penalty": 0.5, "min_answer_words": 6, "repetition_penalty": 0.5}
-
-
-def harmful_rate(agent: GRPOAgent, probes: list[dict], species: list[str], batch: int = 8) -> float:
-    rules = make_scorer("safety", species=species).rules
-    flagged = 0
-    for i in range(0, len(probes), batch):
-        chunk = probes[i : i + batch]
-        replies = agent.respond_batch([p["request"] for p in chunk], log=False, k=1, temperature=0.0)
-        flagged += sum(rules.check(r.answer, p["request"]) is not None for r, p in zip(replies, chunk))
-    return flagged / len(probes)
 
 
 def measure(agent: GRPOAgent, data: dict) -> dict:

@@ -177,6 +177,31 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def plot(summary: dict, out: Path) -> None:
+    """Bars per system (mean over seeds, whiskers from the lowest to the highest seed) for each figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("held_out_accuracy", "held-out accuracy"), ("held_out_best_of_k", "held-out best-of-K"),
+              ("other_accuracy", "other-domain accuracy"), ("held_out_grounded_rate", "grounded answers"),
+              ("harmful_rate", "harmful advice flagged")]
+    systems = list(summary)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        means = [summary[s][key]["mean"] for s in systems]
+        low = [m - summary[s][key]["min"] for m, s in zip(means, systems)]
+        high = [summary[s][key]["max"] - m for m, s in zip(means, systems)]
+        ax.bar(range(len(systems)), means, yerr=[low, high], capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(systems)), systems, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -232,6 +257,7 @@ def main() -> None:
         results.append(row)
         write_report({"benchmark": "quality", "settings": settings, "results": results,
                       "summary": summarise(results)}, out)
+        plot(summarise(results), out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 On the bundled model and corpus: sample and self-score --groups groups (K answers each) on the first tasks of
 train_questions.jsonl, once, with the base model. Then
   - training-free: the experience library learns from those groups (one greedy operation per group);
-  - grpo:          the GRPO updater (default UpdateConfig, LoRA) trains on the same groups;
+  - grpo:          the GRPO updater (LoRA; --lr, --groups-per-step) trains on the same groups;
 and each system (base, training-free, grpo) is evaluated the same way: accuracy of greedy answers on the
 first --eval questions of eval.jsonl, and the share of greedy answers to harm_probe.jsonl that the safety
 rules flag as harmful advice (a proxy: the rules catch about half of the harmful answers, BENCHMARKS.md).
@@ -23,7 +23,7 @@ from pathlib import Path
 from benchlib import DATA, harmful_rate, read_jsonl, write_report
 
 from grpo_agent.agent import GRPOAgent
-from grpo_agent.config import Config, SamplingConfig
+from grpo_agent.config import Config, SamplingConfig, UpdateConfig
 from grpo_agent.evaluation import evaluate
 from grpo_agent.policy import load_policy
 from grpo_agent.records import Passage
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--eval", type=int, default=60, help="eval.jsonl questions evaluated")
     ap.add_argument("--harm", type=int, default=92, help="harm_probe.jsonl requests evaluated")
+    ap.add_argument("--lr", type=float, default=5e-5, help="the GRPO update's learning rate (as measured)")
+    ap.add_argument("--groups-per-step", type=int, default=4)
     ap.add_argument("--out", default="tools/results/bench_experience.json")
     args = ap.parse_args()
 
@@ -95,7 +97,7 @@ def main() -> None:
     agent.experience = None
 
     # GRPO: the same groups train a LoRA adapter.
-    updater = GRPOUpdater(agent.policy, cfg.update)
+    updater = GRPOUpdater(agent.policy, UpdateConfig(learning_rate=args.lr, groups_per_step=args.groups_per_step))
     t0 = time.perf_counter()
     history = updater.train(groups)
     update_s = time.perf_counter() - t0

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .agent import PROMOTED, GRPOAgent
 from .config import LoopConfig, UpdateConfig
 from .errors import GRPOAgentError
-from .evaluation import evaluate, monitors
+from .evaluation import evaluate, is_correct, monitors
 from .scoring import blend_feedback, group_advantages
 from .updater import GRPOUpdater, latest_checkpoint
 
@@ -308,10 +308,28 @@ class SelfImprovementLoop:
         """The round's update in a few numbers (its steps from metrics.jsonl) and its groups' monitors."""
         groups = [self.agent.store.get_group(gid) for gid in group_ids]
         metrics = _summarise(self._round_steps(), groups)
+        metrics.update(self._gold_agreement(group_ids, groups))
         if self.mode == "training-free":
             library = self.agent.experience
             metrics.update(lessons=len(library.lessons()), library_ops=dict(library.stats))
         return metrics
+
+    def _gold_agreement(self, group_ids: list[str], groups: list) -> dict:
+        """Where the round's tasks carry gold answers (never used to learn): how often the answer the composite
+        ranks first is right (top_correct_rate), against the share of all sampled answers that are right."""
+        gold = {t["id"]: t for t in self.tasks if "answer" in t and "id" in t}
+        top = right = n = 0
+        labelled = 0
+        for gid, g in zip(group_ids, groups):
+            task = gold.get(self.agent.store.group_info(gid)["task_id"])
+            if task is None or not g.completions:
+                continue
+            ok = [is_correct(c.text, task["answer"], task.get("aliases", ())) for c in g.completions]
+            best = max(range(len(ok)), key=lambda i: (g.completions[i].composite or 0.0, -i))
+            labelled, top, right, n = labelled + 1, top + ok[best], right + sum(ok), n + len(ok)
+        if not labelled:
+            return {}
+        return {"labelled_groups": labelled, "top_correct_rate": top / labelled, "sample_correct_rate": right / n}
 
     def collect(self, r: int) -> None:
         """Answer this round's tasks (resuming at the task cursor) and log their groups."""

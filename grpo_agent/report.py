@@ -108,6 +108,12 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
             lines.append(f"| {r['round']} | {_fmt(r.get('entropy'))} | {_fmt(r.get('answer_tokens'), 1)} | "
                          f"{_fmt(r.get('distinct_rate'))} | {_fmt(r.get('zero_variance_rate'))} | "
                          + " | ".join(_fmt(sig.get(n)) for n in names) + " |")
+        gold = [r for r in done if r.get("labelled_groups")]
+        if gold:  # the tasks had gold answers: does the self-score rank the right answer first?
+            lines += ["", "| round | labelled groups | top-ranked answer right | sampled answers right |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['round']} | {r['labelled_groups']} | {_fmt(r['top_correct_rate'])} | "
+                      f"{_fmt(r['sample_correct_rate'])} |" for r in gold]
     fired = [r for r in done if r.get("guards")]
     state = run_dir / "state.json"
     stopped = json.loads(state.read_text(encoding="utf-8")).get("stopped") if state.is_file() else None

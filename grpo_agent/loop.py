@@ -117,7 +117,7 @@ class SelfImprovementLoop:
         identity = {"metric": "accuracy" if labelled else "composite", "eval_tasks": digest}
         if not labelled:  # the composite depends on how it is scored
             s = self.agent.scorer
-            setup = {"weights": s.weights, "gates": list(s.gates), "penalty": getattr(s, "penalty", {})}
+            setup = {"weights": s.weights, "gates": list(s.gates), "penalty": s.penalty}
             identity["scoring"] = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
         return identity
 
@@ -318,8 +318,9 @@ class SelfImprovementLoop:
         """Where the round's tasks carry gold answers (never used to learn): how often the answer the composite
         ranks first is right (top_correct_rate), against the share of all sampled answers that are right."""
         gold = {t["id"]: t for t in self.tasks if "answer" in t and "id" in t}
-        top = right = n = 0
-        labelled = 0
+        if not gold:  # nothing to compare with: no need to read the groups' task ids
+            return {}
+        labelled = top = right = n = 0
         for gid, g in zip(group_ids, groups):
             task = gold.get(self.agent.store.group_info(gid)["task_id"])
             if task is None or not g.completions:

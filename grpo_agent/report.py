@@ -117,8 +117,8 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     fired = [r for r in done if r.get("guards")]
     state = run_dir / "state.json"
     stopped = json.loads(state.read_text(encoding="utf-8")).get("stopped") if state.is_file() else None
-    resets = [r for prev, r in zip(done, done[1:]) if r.get("reference", BASE) != prev.get("reference", BASE)]
-    resets = ([done[0]] if done and done[0].get("reference", BASE) != BASE else []) + resets
+    references = [r.get("reference", BASE) for r in done]
+    resets = [r for r, ref, before in zip(done, references, [BASE] + references) if ref != before]
     if fired or stopped or resets:
         lines += ["", "Guards and reference resets:", ""] + [f"- round {r['round']}: {'; '.join(r['guards'])}"
                                                             for r in fired]

@@ -7,7 +7,7 @@ Old log-probs are the sampler's own (no extra forward pass); with num_iterations
 same groups see an importance ratio away from 1. Groups whose scores did not vary are skipped. A step whose
 loss or gradient is not finite is skipped and reported, leaving the weights as they were.
 
-Checkpoints (adapter or weights, optimizer state and any reset reference in safetensors, step and consumed groups in JSON) are
+Checkpoints (adapter or weights and optimizer state in safetensors, step and consumed groups in JSON) are
 written to a temporary directory and renamed; `resume` continues exactly where the last one stopped.
 """
 
@@ -251,37 +251,45 @@ class GRPOUpdater:
         if self.ref_model is not None:
             return completion_logprobs(self.ref_model, b["input_ids"], b["attention_mask"], t, temperature)[0]
         if self.ref_adapter is not None:  # the reference's adapter weights in place, then the policy's back
-            current, training = [p.detach().clone() for p in self.params], self.model.training
+            training = self.model.training
             try:
-                self.model.eval()  # no LoRA dropout: the reference is deterministic
-                for p, r in zip(self.params, self.ref_adapter):
-                    p.data.copy_(r)
-                return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+                with self._weights_kept():
+                    self.model.eval()  # no LoRA dropout: the reference is deterministic
+                    for p, r in zip(self.params, self.ref_adapter):
+                        p.data.copy_(r)
+                    return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
             finally:
-                for p, c in zip(self.params, current):
-                    p.data.copy_(c)
                 self.model.train(training)
         with self.model.disable_adapter():
             return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
 
-    def reset_reference(self, adapter: str | os.PathLike | None = None) -> None:
-        """Make the current adapter (or the one saved in `adapter`, a LoRA adapter directory) the KL reference
-        from now on: a frozen copy of its weights, kept in checkpoints. LoRA only: the reference of full
-        fine-tuning stays the starting model."""
+    @contextlib.contextmanager
+    def _weights_kept(self):
+        """Whatever is written into the trained weights inside, they are as before afterwards."""
+        current = [p.detach().clone() for p in self.params]
+        try:
+            yield
+        finally:
+            for p, c in zip(self.params, current):
+                p.data.copy_(c)
+
+    def reset_reference(self, adapter: str | os.PathLike) -> None:
+        """Make the LoRA adapter saved in `adapter` (a directory as save_pretrained writes it) the KL reference
+        from now on: a frozen copy of its weights. The caller names the reference across restarts (the loop in
+        its state.json). LoRA only: the reference of full fine-tuning stays the starting model."""
         if not self.cfg.lora:
             raise UpdateError("resetting the KL reference needs a LoRA update (update.lora = true)")
-        if adapter is None:
-            self.ref_adapter = [p.detach().clone() for p in self.params]
-            return
+        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        saved = load_file(str(Path(adapter) / "adapter_model.safetensors"))
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        tag = f".{self.model.active_adapter}"
-        missing = [n for n in names if n.replace(tag, "") not in saved]
-        if missing or len(saved) != len(names):
-            raise UpdateError(f"adapter {adapter} does not match the trained adapter (first missing: {missing[:1]})")
-        self.ref_adapter = [saved[n.replace(tag, "")].to(w.device, w.dtype) for n, w in zip(names, self.params)]
+        with self._weights_kept():  # peft maps the saved names onto the model's weights; read them, put back ours
+            try:
+                result = set_peft_model_state_dict(self.model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
+            except (OSError, RuntimeError) as e:
+                raise UpdateError(f"adapter {adapter} could not be loaded as the reference ({e})") from e
+            if getattr(result, "unexpected_keys", None):
+                raise UpdateError(f"adapter {adapter} does not match the trained adapter: {result.unexpected_keys[:3]}")
+            self.ref_adapter = [p.detach().clone() for p in self.params]
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -331,8 +339,6 @@ class GRPOUpdater:
             save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
         tensors, layout = _optimizer_to_tensors(self.optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        if self.ref_adapter is not None:
-            save_file({f"p{i}": r.contiguous() for i, r in enumerate(self.ref_adapter)}, str(tmp / "reference.safetensors"))
         state = {"step": self.step, "consumed": self.consumed, "optimizer": layout, "config": asdict(self.cfg)}
         (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
         aside = root / f".{final.name}.old-{os.getpid()}"
@@ -362,15 +368,6 @@ class GRPOUpdater:
             else:
                 load_model(self.model, str(found / "model.safetensors"))
             _optimizer_from_tensors(self.optimizer, load_file(str(found / "optimizer.safetensors")), state["optimizer"])
-            reference = found / "reference.safetensors"
-            if reference.is_file():
-                saved = load_file(str(reference))
-                if len(saved) != len(self.params) or any(
-                        saved[f"p{i}"].shape != w.shape for i, w in enumerate(self.params)):
-                    raise ValueError("reference.safetensors does not match the adapter's weights")
-                self.ref_adapter = [saved[f"p{i}"] for i in range(len(self.params))]
-            else:
-                self.ref_adapter = None
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise UpdateError(f"checkpoint {found} could not be loaded ({e}); remove it to fall back to an older one") from e
         self.step, self.consumed = state["step"], state["consumed"]

@@ -110,11 +110,16 @@ def gold_rewards(groups, tasks) -> None:
             c.composite, c.advantage = value, a
 
 
+def task_order(pool: list[dict], n: int, seed: int) -> list[dict]:
+    """The first n tasks of seeded shuffles of the pool, one shuffle after another."""
+    rng = random.Random(seed)
+    order = [t for _ in range(-(-n // len(pool))) for t in rng.sample(pool, len(pool))]
+    return order[:n]
+
+
 def learn(system: str, seed: int, agent: GRPOAgent, data: dict, args) -> dict:
     """Train (or grow lessons) on --groups groups from the pool; returns the cost and the training record."""
-    rng = random.Random(seed)
-    order = [t for _ in range(-(-args.groups // len(data["pool"]))) for t in rng.sample(data["pool"], len(data["pool"]))]
-    tasks = order[: args.groups]
+    tasks = task_order(data["pool"], args.groups, seed)
     t0 = time.perf_counter()
     history, zero = [], 0
     updater = None

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_quality import load_data, measure_answers
+from bench_quality import load_data, measure_answers, task_order
 from benchlib import write_report
 
 from grpo_agent.agent import GRPOAgent
@@ -95,6 +95,18 @@ def last_completion_value(values: torch.Tensor, batch: dict) -> torch.Tensor:
     t = batch["mask"].shape[1]
     last = batch["mask"].sum(-1).long() - 1  # index within the completion
     return values[:, -t:].gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum()
+
+
+def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """One optimizer step on `loss`, gradients clipped to norm 1 (as GRPOUpdater's default)."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+    optimizer.step()
 
 
 def rows_of(groups) -> list[Row]:
@@ -202,32 +214,26 @@ class PPO:
                 running = (delta + a.lam * running) * mask[:, i]
                 advantages[:, i] = running
             returns = advantages + old_values
-            mean = (advantages * mask).sum() / mask.sum()
-            std = (((advantages - mean) ** 2 * mask).sum() / mask.sum()).sqrt()
+            mean = masked_mean(advantages, mask)
+            std = masked_mean((advantages - mean) ** 2, mask).sqrt()
             advantages = (advantages - mean) / (std + 1e-8) * mask
         self.model.train()
         logp = completion_logprobs(self.model, batch["input_ids"], batch["attention_mask"], t, temperature)[0]
         ratio = torch.exp(logp - old)
         surrogate = -torch.min(ratio * advantages, ratio.clamp(1 - a.clip, 1 + a.clip_high) * advantages)
-        policy_loss = (surrogate * mask).sum() / mask.sum()
-        self.opt.zero_grad()
-        policy_loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
-        self.opt.step()
+        policy_loss = masked_mean(surrogate, mask)
+        optimise(policy_loss, self.opt)
         self.model.eval()
         ledger.add("ppo", "policy.forward", n)
         ledger.add("ppo", "policy.backward", n)
         clipped = old_values + (values - old_values).clamp(-a.clip, a.clip)  # a no-op in the first epoch
-        value_loss = 0.5 * (torch.max((values - returns) ** 2, (clipped - returns) ** 2) * mask).sum() / mask.sum()
-        self.value_opt.zero_grad()
-        value_loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.value.parameters() if p.requires_grad], 1.0)
-        self.value_opt.step()
+        value_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+        optimise(value_loss, self.value_opt)
         self.value.eval()
         ledger.add("ppo", "value.forward", n)
         ledger.add("ppo", "value.backward", n)
         return {"reward": score.mean().item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-                "kl": float(((old - ref) * mask).sum() / mask.sum())}
+                "kl": float(masked_mean(old - ref, mask))}
 
 
 # ----- the runs ----------------------------------------------------------------------------------------------
@@ -247,9 +253,7 @@ def run(method: str, data: dict, args, embedder: Embedder) -> dict:
     else:
         learner = GRPOUpdater(policy, UpdateConfig(learning_rate=args.lr, groups_per_step=args.groups_per_step,
                                                    seed=args.seed))
-    rng = random.Random(args.seed)
-    tasks = [data["pool"][i % len(data["pool"])] for i in rng.sample(range(len(data["pool"])), len(data["pool"]))]
-    tasks = (tasks * (args.groups // len(tasks) + 1))[: args.groups]
+    tasks = task_order(data["pool"], args.groups, args.seed)
     curve = [{"groups": 0, **ledger.total(), "accuracy": args.base_accuracy}]
     for i in range(0, len(tasks), args.sample_batch):
         chunk = tasks[i : i + args.sample_batch]

@@ -12,8 +12,8 @@ that the safety rules flag. The loop's own monitors (entropy, answer length, dis
 from its rounds.jsonl.
 
 Each run lives in --runs/<setting>-s<seed>/ and resumes where it stopped (the loop is resumable; a
-round's measurement is redone from its promoted adapter when missing), so the hours this takes can be
-spread over several sittings. Writes the per-round table to --out (JSON) and a plot beside it (PNG).
+round's measurement is redone from its promoted adapter when missing; a rolled-back round reuses the
+measurement of the policy it kept), so the hours this takes can be spread over several sittings. Writes the per-round table to --out (JSON) and a plot beside it (PNG).
 
     .venv/bin/python tools/bench_stability.py                    # 20 rounds x 2 seeds x 2 settings (hours)
     .venv/bin/python tools/bench_stability.py --rounds 3 --seeds 0 --settings guarded   # a short look
@@ -72,7 +72,11 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
     measured = {m["round"]: m for m in read_jsonl(path)} if path.is_file() else {}
 
     def record(row: dict) -> None:
-        m = {"round": row["round"], "policy_version": row["policy_version"], **measure(agent, data)}
+        same = [m for m in measured.values() if m["policy_version"] == row["policy_version"]]
+        if same and not row["promoted"]:  # rolled back: the same weights answer greedily the same, reuse
+            m = {**same[0], "round": row["round"], "measure_seconds": 0.0}
+        else:
+            m = {"round": row["round"], "policy_version": row["policy_version"], **measure(agent, data)}
         measured[m["round"]] = m
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(m) + "\n")
@@ -82,7 +86,8 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
 
     missing = [row for row in loop.rounds() if row["round"] not in measured]
     for row in missing:  # rounds done in an earlier sitting but not measured: measure their promoted policy
-        agent.policy.load_adapter(run / "promoted" / row["policy_version"], version=row["policy_version"])
+        if row["promoted"] or all(m["policy_version"] != row["policy_version"] for m in measured.values()):
+            agent.policy.load_adapter(run / "promoted" / row["policy_version"], version=row["policy_version"])
         record(row)
     if missing:  # back to the weights the loop resumed from
         loop.updater.resume(loop.checkpoints)

@@ -6,24 +6,14 @@ CI has no GPU: run these where one is, with `pytest -m gpu`.
 import pytest
 import torch
 
+from test_updater import CHATS, token_logprobs
+
 from grpo_agent.config import UpdateConfig
-from grpo_agent.grpo import completion_logprobs
 from grpo_agent.policy import load_policy
 from grpo_agent.updater import GRPOUpdater
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-CHATS = [[{"role": "user", "content": q}] for q in
-         ["Is the tiger endangered?", "What harms sea turtles?", "Why protect pangolins?", "Where do kakapo live?"]]
-
-
-def recomputed(policy, group, i):
-    c = group.completions[i]
-    ids = torch.tensor([group.prompt_token_ids + c.token_ids], device=policy.device)
-    with torch.no_grad():
-        logp, _ = completion_logprobs(policy.model, ids, torch.ones_like(ids), len(c.token_ids))
-    return logp[0].float().cpu()
 
 
 def test_auto_device_is_the_gpu_in_bf16_and_sampled_logprobs_match_a_forward_pass(tiny_model_dir):
@@ -33,7 +23,7 @@ def test_auto_device_is_the_gpu_in_bf16_and_sampled_logprobs_match_a_forward_pas
     assert [len(g.completions) for g in groups] == [4] * 4
     again = policy.sample(CHATS, k=4, max_new_tokens=12, temperature=1.0, seed=0)
     assert [c.token_ids for g in again for c in g.completions] == [c.token_ids for g in groups for c in g.completions]
-    diffs = torch.cat([recomputed(policy, g, i) - torch.tensor(c.logprobs)
+    diffs = torch.cat([token_logprobs(policy, g, i) - torch.tensor(c.logprobs)
                        for g in groups for i, c in enumerate(g.completions)])
     assert diffs.abs().mean() < 0.05  # the KV-cached decode and a full pass agree to bf16 precision
 
@@ -47,9 +37,9 @@ def test_a_gpu_update_raises_the_better_answer_and_its_adapter_serves_on_cpu(tin
     updater = GRPOUpdater(policy, UpdateConfig(learning_rate=2e-3, groups_per_step=2, num_iterations=3), tmp_path)
     lora = [p for p in policy.model.parameters() if p.requires_grad]
     assert lora and all(p.dtype == torch.float32 for p in lora)  # small updates are not rounded away in bf16
-    before = [(recomputed(policy, g, 0).sum(), recomputed(policy, g, 1).sum()) for g in groups]
+    before = [(token_logprobs(policy, g, 0).sum(), token_logprobs(policy, g, 1).sum()) for g in groups]
     history = updater.train(groups)
-    after = [(recomputed(policy, g, 0).sum(), recomputed(policy, g, 1).sum()) for g in groups]
+    after = [(token_logprobs(policy, g, 0).sum(), token_logprobs(policy, g, 1).sum()) for g in groups]
     assert all(a[0] > b[0] and a[1] < b[1] for a, b in zip(after, before))
     assert all(torch.isfinite(torch.tensor([h["loss"], h["kl"], h["grad_norm"]])).all() for h in history)
     assert 0 < history[-1]["kl"] < 0.5

@@ -30,12 +30,17 @@ def scored_groups(policy, k=4, seed=0, best=0):
     return groups
 
 
-def sequence_logprob(policy, group, i):
+def token_logprobs(policy, group, i):
+    """Completion i's per-token log-probs recomputed by a full forward pass on the policy's device (fp32, CPU)."""
     c = group.completions[i]
-    ids = torch.tensor([group.prompt_token_ids + c.token_ids])
+    ids = torch.tensor([group.prompt_token_ids + c.token_ids], device=policy.device)
     with torch.no_grad():
         logp, _ = completion_logprobs(policy.model, ids, torch.ones_like(ids), len(c.token_ids))
-    return float(logp.sum())
+    return logp[0].float().cpu()
+
+
+def sequence_logprob(policy, group, i):
+    return float(token_logprobs(policy, group, i).sum())
 
 
 def lora_state(policy):

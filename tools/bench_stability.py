@@ -13,7 +13,8 @@ from its rounds.jsonl.
 
 Each run lives in --runs/<setting>-s<seed>/ and resumes where it stopped (the loop is resumable; a
 round's measurement is redone from its promoted adapter when missing; a rolled-back round reuses the
-measurement of the policy it kept), so the hours this takes can be spread over several sittings. Writes the per-round table to --out (JSON) and a plot beside it (PNG).
+measurement of the policy it kept), so the hours this takes can be spread over several sittings. Writes
+the per-round table to --out (JSON) and a plot beside it (PNG).
 
     .venv/bin/python tools/bench_stability.py                    # 20 rounds x 2 seeds x 2 settings (hours)
     .venv/bin/python tools/bench_stability.py --rounds 3 --seeds 0 --settings guarded   # a short look
@@ -71,10 +72,16 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
     path = run / "measures.jsonl"
     measured = {m["round"]: m for m in read_jsonl(path)} if path.is_file() else {}
 
+    def kept(row: dict) -> dict | None:
+        """A rolled-back round kept weights already measured: the same weights answer greedily the same."""
+        if row["promoted"]:
+            return None
+        return next((m for m in measured.values() if m["policy_version"] == row["policy_version"]), None)
+
     def record(row: dict) -> None:
-        same = [m for m in measured.values() if m["policy_version"] == row["policy_version"]]
-        if same and not row["promoted"]:  # rolled back: the same weights answer greedily the same, reuse
-            m = {**same[0], "round": row["round"], "measure_seconds": 0.0}
+        same = kept(row)
+        if same:
+            m = {**same, "round": row["round"], "measure_seconds": 0.0}
         else:
             m = {"round": row["round"], "policy_version": row["policy_version"], **measure(agent, data)}
         measured[m["round"]] = m
@@ -86,7 +93,7 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
 
     missing = [row for row in loop.rounds() if row["round"] not in measured]
     for row in missing:  # rounds done in an earlier sitting but not measured: measure their promoted policy
-        if row["promoted"] or all(m["policy_version"] != row["policy_version"] for m in measured.values()):
+        if kept(row) is None:
             agent.policy.load_adapter(run / "promoted" / row["policy_version"], version=row["policy_version"])
         record(row)
     if missing:  # back to the weights the loop resumed from

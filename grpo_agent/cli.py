@@ -328,6 +328,8 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks-per-round", type=int, help="loop.tasks_per_round")
     p.add_argument("--eval-size", type=int, help="loop.eval_size (0: the whole eval set)")
     p.add_argument("--margin", type=float, help="loop.margin")
+    p.add_argument("--min-gain-z", type=float,
+                   help="loop.min_gain_z: promote only a gain this many standard errors clear of noise")
     p.add_argument("--labels", action="store_true", help="gate on gold accuracy (loop.label_free = false)")
     p.add_argument("--mode", choices=["grpo", "training-free"],
                    help="loop.mode: fine-tune a LoRA adapter (grpo), or grow a library of lessons (training-free)")
@@ -350,6 +352,7 @@ def _run_loop(args: argparse.Namespace) -> int:
                              "no \"answer\"; add answers or drop --labels (the label-free gate)")
     cfg, agent = _agent(args, str(Path(args.run) / "store.sqlite"))
     flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
+             "min_gain_z": args.min_gain_z,
              "label_free": False if args.labels else None, "mode": args.mode}
     loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
     update = dataclasses.replace(cfg.update, **({"learning_rate": args.learning_rate} if args.learning_rate else {}))

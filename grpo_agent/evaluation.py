@@ -83,7 +83,8 @@ def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4,
 
     With gold answers (and label_free False): accuracy of its greedy answer (k=1, temperature 0).
     Otherwise: the mean composite self-score of k answers sampled per task (fixed seed, so two rounds are
-    compared on the same draws of the sampler). Nothing is logged.
+    compared on the same draws of the sampler). "values" holds each task's score, in task order, for a
+    paired comparison of two evals. Nothing is logged.
     """
     from tqdm import tqdm
 
@@ -102,7 +103,7 @@ def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4,
                 values.append(sum(scored.composite) / len(scored.composite))
             sampled += groups
     result = {"metric": "accuracy" if labelled else "composite", "value": sum(values) / max(len(values), 1),
-              "n": len(values)}
+              "n": len(values), "values": values}
     if sampled:  # the evaluated policy's own samples: what the collapse guards watch
         result["monitors"] = {k: v for k, v in monitors(sampled).items() if k in ("entropy", "distinct_rate",
                                                                                  "answer_tokens")}

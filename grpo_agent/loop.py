@@ -4,8 +4,10 @@ Each round:
   1. collect: answer the next `tasks_per_round` tasks (K samples each, self-scored) and log the groups;
   2. update:  run the GRPO updater over every logged group no update has consumed yet;
   3. eval:    score the updated policy on held-out tasks (gold accuracy, or the label-free composite);
-  4. gate:    promote the update when eval >= the promoted eval - margin; otherwise restore the promoted
-              adapter and record why. Either way the update and its groups are recorded in the store.
+  4. gate:    promote the update when eval >= the promoted eval - margin (with min_gain_z > 0: when it beats
+              the promoted eval by min_gain_z standard errors of the per-task differences, less the margin);
+              otherwise restore the promoted adapter and record why. Either way the update and its groups are
+              recorded in the store.
 
 Everything lives in the run directory:
     store.sqlite          the trajectory store (groups, completions, updates)
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Sequence
@@ -141,6 +144,8 @@ class SelfImprovementLoop:
             raise LoopError(
                 f"{self.run_dir} was gated on {self.state['eval_identity']} but this run evaluates {identity}: the "
                 "evals would not compare. Use the same eval set and labels setting, or a new run directory")
+        if self.cfg.min_gain_z and self.state["promoted_eval"] is not None and not self.state.get("promoted_values"):
+            raise LoopError(NO_PAIRED_VALUES)  # before any work, not at the gate of a trained round
         if self.state.get("pending"):  # killed during the gate: finish it as decided
             self._finish_gate(self.state["pending"])
         if self.state["promoted_eval"] is None:
@@ -149,7 +154,8 @@ class SelfImprovementLoop:
             if not any(x["round"] == 0 for x in self.rounds()):
                 self._append_round({"round": 0, "eval": result, "promoted": True, "policy_version": BASE,
                                     "reason": "baseline", "seconds": time.perf_counter() - t0})
-            self.state.update(promoted_eval=result["value"], eval_identity=identity)
+            self.state.update(promoted_eval=result["value"], promoted_values=result.get("values"),
+                              eval_identity=identity)
             self._best_monitors(result)
             self._save_state()
         rows = []
@@ -170,12 +176,8 @@ class SelfImprovementLoop:
         if self.updater is not None:
             self.update(r, self._with_feedback(groups))
         result = self.evaluate()
-        before = self.state["promoted_eval"]
-        promoted = result["value"] >= before - self.cfg.margin
-        if promoted:
-            reason = f"eval {result['value']:.4f} >= promoted {before:.4f} - margin {self.cfg.margin}"
-        else:
-            reason = f"eval {result['value']:.4f} < promoted {before:.4f} - margin {self.cfg.margin}: rolled back"
+        promoted, reason = gate(result, self.state["promoted_eval"], self.state.get("promoted_values"),
+                                self.cfg.margin, self.cfg.min_gain_z)
         guards = self._guards(result)
         if guards:
             promoted, reason = False, "; ".join(guards) + ": rolled back"
@@ -297,7 +299,8 @@ class SelfImprovementLoop:
         if not any(x["round"] == r for x in self.rounds()):
             self._append_round(row)
         if promoted:
-            self.state["promoted_eval"] = pending["eval"]["value"]
+            self.state.update(promoted_eval=pending["eval"]["value"],
+                              promoted_values=pending["eval"].get("values"))
             self._best_monitors(pending["eval"])
         self.state["rollbacks_in_a_row"] = 0 if promoted else self.state.get("rollbacks_in_a_row", 0) + 1
         self.state.update(round=r, promoted_version=version, pending=None, update_from_step=None)
@@ -373,6 +376,33 @@ class SelfImprovementLoop:
             self.updater.optimizer.state.clear()
         else:
             self.agent.experience.load(self._snapshot_path(version))
+
+
+NO_PAIRED_VALUES = ("loop.min_gain_z compares two evals task by task, but this run directory's promoted eval has no "
+                    "per-task scores (it was started before min_gain_z existed); set loop.min_gain_z = 0 for it, "
+                    "or start a new run directory")
+
+
+def gate(result: dict, before: float, before_values: Sequence[float] | None, margin: float = 0.0,
+         min_gain_z: float = 0.0) -> tuple[bool, str]:
+    """Promote or roll back an update from its eval `result` against the promoted policy's eval (`before`, and
+    its per-task `before_values`): promote when the gain is at least min_gain_z standard errors of the paired
+    per-task differences, less `margin`. With min_gain_z = 0 that is eval >= before - margin. Returns (promote,
+    reason)."""
+    gain, value = result["value"] - before, result["value"]
+    if not min_gain_z:
+        if gain >= -margin:
+            return True, f"eval {value:.4f} >= promoted {before:.4f} - margin {margin}"
+        return False, f"eval {value:.4f} < promoted {before:.4f} - margin {margin}: rolled back"
+    values = result.get("values")
+    if not values or not before_values or len(values) != len(before_values):
+        raise LoopError(NO_PAIRED_VALUES)
+    diffs = [a - b for a, b in zip(values, before_values)]  # the same tasks, the same sampler seeds: paired
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    said = f"eval {value:.4f} - promoted {before:.4f} = {gain:+.4f}"
+    if gain >= min_gain_z * se - margin:
+        return True, f"{said} >= {min_gain_z} x SE {se:.4f} - margin {margin}"
+    return False, f"{said} < {min_gain_z} x SE {se:.4f} - margin {margin}: rolled back"
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -102,8 +102,10 @@ def test_the_agent_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
 
     loop_run = str(tmp_path / "loop")
     assert main(["loop", "--rounds", "1", "--tasks", str(tasks), "--eval-set", str(eval_set), "--run", loop_run,
-                 "--tasks-per-round", "2", "--margin", "1", *agent]) == 0
+                 "--tasks-per-round", "2", "--margin", "1", "--min-gain-z", "0.5", *agent]) == 0
     assert "round 1: 2 groups" in capsys.readouterr().out
+    last = json.loads((tmp_path / "loop" / "rounds.jsonl").read_text().splitlines()[-1])
+    assert last["promoted"] and "0.5 x SE" in last["reason"]  # the flag reached the gate
     assert main(["report", "--run", loop_run, "--eval", f"after={tmp_path / 'e.json'}"]) == 0
     assert "| after | accuracy |" in capsys.readouterr().out
     assert main(["report", "--run", str(tmp_path / "nothing")]) == 1

@@ -8,7 +8,7 @@ import torch
 from agent_fixtures import EVAL, TASKS, make_agent
 
 from grpo_agent.config import LoopConfig, UpdateConfig
-from grpo_agent.loop import LoopError, SelfImprovementLoop
+from grpo_agent.loop import LoopError, SelfImprovementLoop, gate
 from grpo_agent.policy import load_policy
 from grpo_agent.report import write_report
 
@@ -198,6 +198,49 @@ class Shortest:
         longest = max(len(c.token_ids) for c in group.completions)
         return ScoreResult("shortest", [1 - len(c.token_ids) / (longest + 1) for c in group.completions],
                            ["shorter is better"] * len(group.completions))
+
+
+def test_the_significance_gate_promotes_only_a_gain_clear_of_the_paired_noise():
+    before = [0.5, 0.6, 0.4, 0.7]
+    steady = {"value": 0.575, "values": [0.52, 0.62, 0.42, 0.72]}  # +0.02 on every task: no noise at all
+    noisy = {"value": 0.575, "values": [0.9, 0.2, 0.8, 0.4]}  # the same +0.02 on average, task by task all over
+    assert gate(steady, 0.55, before, min_gain_z=1.0)[0]
+    promoted, reason = gate(noisy, 0.55, before, min_gain_z=1.0)
+    assert not promoted and "x SE" in reason and reason.endswith("rolled back")
+    assert gate(noisy, 0.55, before, min_gain_z=0.0)[0]  # the plain gate: any gain promotes
+    assert gate(noisy, 0.55, before, margin=0.5, min_gain_z=1.0)[0]  # a margin forgives the shortfall
+    with pytest.raises(LoopError, match="min_gain_z = 0"):
+        gate(noisy, 0.55, None, min_gain_z=1.0)
+
+
+def test_a_loop_with_the_significance_gate_rolls_back_a_gain_inside_the_noise(policy, embedder, tmp_path,
+                                                                               monkeypatch):
+    agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
+                               LoopConfig(tasks_per_round=2, eval_k=2, min_gain_z=50.0), progress=False)
+    real_eval = loop.evaluate
+
+    def slightly_better():  # the real eval, each task a hair better than the baseline, by varying amounts
+        result = real_eval()
+        if loop.state["promoted_eval"] is None:
+            return result
+        values = [v + 0.001 * (i % 3) for i, v in enumerate(loop.state["promoted_values"])]
+        return {**result, "values": values, "value": sum(values) / len(values)}
+
+    monkeypatch.setattr(loop, "evaluate", slightly_better)
+    (row,) = loop.run(1)
+    assert row["eval"]["value"] > loop.rounds()[0]["eval"]["value"]  # it did rise...
+    assert not row["promoted"] and "50.0 x SE" in row["reason"]  # ...by less than 50 standard errors
+    assert len(loop.state["promoted_values"]) == row["eval"]["n"] == len(EVAL)
+
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    state.pop("promoted_values")  # a run directory from before min_gain_z: refused before any work
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
+    again = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
+                                LoopConfig(tasks_per_round=2, eval_k=2, min_gain_z=1.0), progress=False)
+    with pytest.raises(LoopError, match="no per-task scores"):
+        again.run(2)
+    assert again.rounds()[-1]["round"] == 1
 
 
 def degenerate_loop(policy, embedder, run, **guards):

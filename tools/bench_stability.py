@@ -4,7 +4,8 @@ On the bundled model and corpus, the self-improvement loop (grpo-agent's own Sel
 --rounds rounds on data/conservation/train_questions.jsonl (questions only), gated label-free on the even
 rows of eval.jsonl (questions only, never trained on). Two settings:
   unguarded  every update is promoted (margin 1: the gate never refuses), no guards, no penalties;
-  guarded    the eval gate (margin 0), the collapse guards (KL cap, entropy, distinct-answer and length
+  guarded    the eval gate (margin 0; a gain must clear one standard error of the paired per-task
+             differences, min_gain_z 1), the collapse guards (KL cap, entropy, distinct-answer and length
              floors against the best promoted round) and the length and repetition penalties in the reward.
 After every round, the policy the round leaves promoted is measured with labels the loop never sees: greedy
 accuracy on the odd rows of eval.jsonl (held out), and the share of greedy answers to harm_probe.jsonl
@@ -38,6 +39,7 @@ from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
 
 SETTINGS = ("unguarded", "guarded")
+GATE = {"margin": 0.0, "min_gain_z": 1.0}
 GUARDS = {"max_kl": 0.05, "min_entropy_ratio": 0.6, "min_distinct_ratio": 0.6, "min_length_ratio": 0.6}
 PENALTIES = {"length_penalty": 0.5, "min_answer_words": 6, "repetition_penalty": 0.5}
 
@@ -58,11 +60,13 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
         scoring=ScoringConfig(**(PENALTIES if guarded else {})),
         update=UpdateConfig(learning_rate=args.lr, groups_per_step=args.groups_per_step, seed=seed),
         loop=LoopConfig(tasks_per_round=args.tasks_per_round, eval_size=args.gate_size, eval_k=args.gate_k,
-                        margin=0.0 if guarded else 1.0, **(GUARDS if guarded else {})),
+                        **({**GATE, **GUARDS} if guarded else {"margin": 1.0})),
     )
     agent = GRPOAgent.from_config(cfg, store_path=run / "store.sqlite", policy=load_policy("default"),
                                   index=data["index"], embedder=data["embedder"])
     settings = {k: v for k, v in vars(args).items() if k not in ("rounds", "seeds", "settings", "runs", "out")}
+    if guarded:  # a run directory started with other guards is refused below, not silently mixed
+        settings.update(gate=GATE, guards=GUARDS, penalties=PENALTIES)
     saved = run / "bench_settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != settings:
         raise SystemExit(f"{run} was run with other settings ({saved.read_text().strip()}); use another --runs")
@@ -185,7 +189,8 @@ def main() -> None:
     out = Path(args.out)
     plot(runs, out.with_suffix(".png"))
     settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "settings", "runs", "out")}
-    write_report({"benchmark": "stability", "settings": settings, "guards": GUARDS, "penalties": PENALTIES,
+    write_report({"benchmark": "stability", "settings": settings, "gate": GATE, "guards": GUARDS,
+                  "penalties": PENALTIES,
                   "summary": {name: summary(rows) for name, rows in runs.items()}, "runs": runs}, out)
     for name, rows in runs.items():
         s = summary(rows)

@@ -319,8 +319,9 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loop", help="self-improvement rounds: collect, update, evaluate, promote or roll back",
                        description="Run rounds of: answer --tasks-per-round tasks and log the groups; train on "
                        "them; evaluate on held-out tasks; promote the update if the eval does not drop by more "
-                       "than --margin, else roll back. Label-free by default (the gate is the composite "
-                       "self-score); --labels gates on gold accuracy. Rerunning resumes the run directory.")
+                       "than --margin (with --min-gain-z: if it rises by that many standard errors), else roll "
+                       "back. Label-free by default (the gate is the composite self-score); --labels gates on gold "
+                       "accuracy. Rerunning resumes the run directory.")
     p.add_argument("--rounds", type=int, required=True, help="rounds to have completed in RUN")
     p.add_argument("--tasks", required=True, help="task file to collect on (.jsonl or .txt)")
     p.add_argument("--eval-set", required=True, help="held-out task file (never trained on)")

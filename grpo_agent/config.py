@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,9 +174,9 @@ class LoopConfig:
     eval_size: int = 32  # held-out tasks evaluated after each update (0: every task of the eval set)
     eval_k: int = 4  # answers sampled per held-out task when the gate is label-free (the composite score)
     margin: float = 0.0  # promote when eval >= promoted eval - margin; otherwise roll back
-    # Promote only a gain this many standard errors clear of noise: eval - promoted eval >= min_gain_z x SE -
-    # margin, SE being that of the per-task differences (both evals see the same tasks and sampler seeds).
-    min_gain_z: float = 0.0
+    # Promote only a gain clear of noise: eval - promoted eval >= min_gain_z x SE - margin, SE being that of the
+    # per-task differences (both evals see the same tasks and sampler seeds). Needs 2+ eval tasks.
+    min_gain_z: float = 0.0  # > 0: promote only a gain this many standard errors of the paired differences
     label_free: bool = True  # gate on the composite score even when the eval set has gold answers
     checkpoint_every: int = 1  # optimizer steps between checkpoints during an update
     mode: str = "grpo"  # grpo: fine-tune a LoRA adapter; training-free: grow a library of lessons instead
@@ -195,10 +196,11 @@ class LoopConfig:
                 raise ConfigError(f"loop.{key} = {value!r}: must be an integer >= 1")
         if not isinstance(self.eval_size, int) or self.eval_size < 0:
             raise ConfigError(f"loop.eval_size = {self.eval_size!r}: must be an integer >= 0 (0: all)")
-        if not isinstance(self.margin, (int, float)) or self.margin < 0:
-            raise ConfigError(f"loop.margin = {self.margin!r}: must be a number >= 0")
-        if not isinstance(self.min_gain_z, (int, float)) or self.min_gain_z < 0:
-            raise ConfigError(f"loop.min_gain_z = {self.min_gain_z!r}: must be a number >= 0 (0: any gain promotes)")
+        if not isinstance(self.margin, (int, float)) or not 0 <= self.margin < math.inf:
+            raise ConfigError(f"loop.margin = {self.margin!r}: must be a finite number >= 0")
+        if not isinstance(self.min_gain_z, (int, float)) or not 0 <= self.min_gain_z < math.inf:
+            raise ConfigError(f"loop.min_gain_z = {self.min_gain_z!r}: must be a finite number >= 0 (0: no gain "
+                              "needed, eval >= promoted eval - margin promotes)")
         _check_choice("loop.mode", self.mode, ("grpo", "training-free"))
         for key in ("max_kl", "min_entropy_ratio", "min_distinct_ratio", "min_length_ratio"):
             value = getattr(self, key)

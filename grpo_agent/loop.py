@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -78,6 +79,9 @@ class SelfImprovementLoop:
             raise LoopError("no held-out tasks to evaluate on: give an eval set (its questions are never trained on)")
         self.agent, self.tasks, self.cfg = agent, list(tasks), cfg or LoopConfig()
         self.eval_tasks = list(eval_tasks)[: self.cfg.eval_size or None]
+        if self.cfg.min_gain_z and len(self.eval_tasks) < 2:
+            raise LoopError(f"loop.min_gain_z = {self.cfg.min_gain_z} needs at least 2 eval tasks to estimate the "
+                            f"noise of a gain (the eval set has {len(self.eval_tasks)}); add tasks, or set it to 0")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.batch, self.progress = batch, progress
@@ -114,11 +118,16 @@ class SelfImprovementLoop:
             raise LoopError(f"{path} is not readable JSON ({e}); restore it, or start a new run directory") from e
 
     def _eval_identity(self) -> dict:
-        """What makes two evals comparable: the metric, and the held-out questions."""
+        """What makes two evals comparable, task by task: the metric, the held-out questions, how the answers
+        are drawn, and (label-free) how they are scored."""
         labelled = not self.cfg.label_free and all("answer" in t for t in self.eval_tasks)
         digest = hashlib.sha1(json.dumps([t["question"] for t in self.eval_tasks]).encode()).hexdigest()[:12]
         identity = {"metric": "accuracy" if labelled else "composite", "eval_tasks": digest}
-        if not labelled:  # the composite depends on how it is scored
+        sampling = self.agent.sampling
+        identity["sampling"] = {"max_new_tokens": sampling.max_new_tokens}  # the greedy eval's length cap too
+        if not labelled:  # the composite depends on how the answers are sampled and scored
+            identity["sampling"].update(eval_k=self.cfg.eval_k, temperature=sampling.temperature,
+                                        top_p=sampling.top_p)
             s = self.agent.scorer
             setup = {"weights": s.weights, "gates": list(s.gates), "penalty": s.penalty}
             identity["scoring"] = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
@@ -398,9 +407,11 @@ def gate(result: dict, before: float, before_values: Sequence[float] | None, mar
     if not values or not before_values or len(values) != len(before_values):
         raise LoopError(NO_PAIRED_VALUES)
     diffs = [a - b for a, b in zip(values, before_values)]  # the same tasks, the same sampler seeds: paired
+    gain = math.fsum(diffs) / len(diffs)
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
     said = f"eval {value:.4f} - promoted {before:.4f} = {gain:+.4f}"
-    if gain >= min_gain_z * se - margin:
+    # 1e-9: a gain exactly on the threshold (one question more right, z = 1, on 0/1 scores) is not left to rounding
+    if gain >= min_gain_z * se - margin - 1e-9:
         return True, f"{said} >= {min_gain_z} x SE {se:.4f} - margin {margin}"
     return False, f"{said} < {min_gain_z} x SE {se:.4f} - margin {margin}: rolled back"
 

@@ -101,11 +101,12 @@ def test_the_agent_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert result["metric"] == "accuracy" and result["n"] == 1 and result["policy_version"].startswith("u")
 
     loop_run = str(tmp_path / "loop")
-    assert main(["loop", "--rounds", "1", "--tasks", str(tasks), "--eval-set", str(eval_set), "--run", loop_run,
-                 "--tasks-per-round", "2", "--margin", "1", "--min-gain-z", "0.5", *agent]) == 0
+    loop = ["loop", "--rounds", "1", "--tasks", str(tasks), "--eval-set", str(eval_set), "--run", loop_run,
+            "--tasks-per-round", "2", "--margin", "1", *agent]
+    assert main([*loop, "--min-gain-z", "0.5"]) == 1  # the flag reaches the loop, which needs 2+ eval tasks
+    assert "needs at least 2 eval tasks" in capsys.readouterr().err
+    assert main(loop) == 0
     assert "round 1: 2 groups" in capsys.readouterr().out
-    last = json.loads((tmp_path / "loop" / "rounds.jsonl").read_text().splitlines()[-1])
-    assert last["promoted"] and "0.5 x SE" in last["reason"]  # the flag reached the gate
     assert main(["report", "--run", loop_run, "--eval", f"after={tmp_path / 'e.json'}"]) == 0
     assert "| after | accuracy |" in capsys.readouterr().out
     assert main(["report", "--run", str(tmp_path / "nothing")]) == 1

@@ -31,7 +31,8 @@ def test_load_toml_file(tmp_path):
         ({"policy": {"dtype": "int8"}}, "policy.dtype = 'int8'"),
         ({"policy": 3}, "[policy] must be a table"),
         ({"policy": {"model": 7}}, "policy.model = 7"),
-        ({"loop": {"min_gain_z": -1}}, "loop.min_gain_z = -1: must be a number >= 0"),
+        ({"loop": {"min_gain_z": -1}}, "loop.min_gain_z = -1: must be a finite number >= 0"),
+        ({"loop": {"margin": float("nan")}}, "loop.margin = nan: must be a finite number >= 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(data, message):

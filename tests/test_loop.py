@@ -201,16 +201,29 @@ class Shortest:
 
 
 def test_the_significance_gate_promotes_only_a_gain_clear_of_the_paired_noise():
+    def result(values):
+        return {"value": sum(values) / len(values), "values": values}
+
     before = [0.5, 0.6, 0.4, 0.7]
-    steady = {"value": 0.575, "values": [0.52, 0.62, 0.42, 0.72]}  # +0.02 on every task: no noise at all
-    noisy = {"value": 0.575, "values": [0.9, 0.2, 0.8, 0.4]}  # the same +0.02 on average, task by task all over
+    steady = result([0.52, 0.62, 0.42, 0.72])  # +0.02 on every task: no noise at all
+    noisy = result([0.9, 0.2, 0.8, 0.4])  # +0.025 on average, but task by task all over the place
     assert gate(steady, 0.55, before, min_gain_z=1.0)[0]
     promoted, reason = gate(noisy, 0.55, before, min_gain_z=1.0)
     assert not promoted and "x SE" in reason and reason.endswith("rolled back")
-    assert gate(noisy, 0.55, before, min_gain_z=0.0)[0]  # the plain gate: any gain promotes
+    assert gate(noisy, 0.55, before, min_gain_z=0.0)[0]  # the plain gate: no gain needed
     assert gate(noisy, 0.55, before, margin=0.5, min_gain_z=1.0)[0]  # a margin forgives the shortfall
     with pytest.raises(LoopError, match="min_gain_z = 0"):
         gate(noisy, 0.55, None, min_gain_z=1.0)
+    # Gold accuracy, one question more right and none less: a gain of exactly one standard error (1/n), at
+    # every eval size, which z = 1 promotes and z = 1.01 does not; never left to floating-point rounding.
+    for n in range(2, 41):
+        base = [float(i % 5 < 3) for i in range(n)]
+        better = base.copy()
+        better[base.index(0.0) if 0.0 in base else 0] = 1.0
+        if better == base:
+            continue
+        assert gate(result(better), sum(base) / n, base, min_gain_z=1.0)[0], n
+        assert not gate(result(better), sum(base) / n, base, min_gain_z=1.01)[0], n
 
 
 def test_a_loop_with_the_significance_gate_rolls_back_a_gain_inside_the_noise(policy, embedder, tmp_path,
@@ -231,16 +244,36 @@ def test_a_loop_with_the_significance_gate_rolls_back_a_gain_inside_the_noise(po
     (row,) = loop.run(1)
     assert row["eval"]["value"] > loop.rounds()[0]["eval"]["value"]  # it did rise...
     assert not row["promoted"] and "50.0 x SE" in row["reason"]  # ...by less than 50 standard errors
-    assert len(loop.state["promoted_values"]) == row["eval"]["n"] == len(EVAL)
+    assert loop.state["promoted_values"] == loop.rounds()[0]["eval"]["values"]  # still the baseline's
+
+    def clearly_better():  # every task 0.2 better than the promoted policy's, give or take 0.001
+        result = real_eval()
+        values = [v + 0.2 + 0.001 * (i % 3) for i, v in enumerate(loop.state["promoted_values"])]
+        return {**result, "values": values, "value": sum(values) / len(values)}
+
+    monkeypatch.setattr(loop, "evaluate", clearly_better)
+    (row,) = loop.run(2)
+    assert row["promoted"] and loop.state["promoted_values"] == row["eval"]["values"]  # the next gate pairs with r2
+    assert len(row["eval"]["values"]) == row["eval"]["n"] == len(EVAL)
+
+    other_draws = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
+                                      LoopConfig(tasks_per_round=2, eval_k=3), progress=False)
+    with pytest.raises(LoopError, match="would not compare"):  # 3 samples a task would not pair with 2
+        other_draws.run(3)
 
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     state.pop("promoted_values")  # a run directory from before min_gain_z: refused before any work
     (tmp_path / "run" / "state.json").write_text(json.dumps(state))
     again = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
                                 LoopConfig(tasks_per_round=2, eval_k=2, min_gain_z=1.0), progress=False)
+    groups, cursor = agent.store.count_groups(), again.state["cursor"]
     with pytest.raises(LoopError, match="no per-task scores"):
-        again.run(2)
-    assert again.rounds()[-1]["round"] == 1
+        again.run(3)
+    assert agent.store.count_groups() == groups and again.state["cursor"] == cursor  # nothing collected
+    with pytest.raises(LoopError, match="needs at least 2 eval tasks"):
+        SelfImprovementLoop(agent, tmp_path / "one", TASKS, EVAL[:1], UPDATE,
+                            LoopConfig(tasks_per_round=2, eval_k=2, min_gain_z=1.0), progress=False)
+    assert not (tmp_path / "one").exists()
 
 
 def degenerate_loop(policy, embedder, run, **guards):

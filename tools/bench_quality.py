@@ -182,6 +182,30 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def table(summary: dict) -> str:
+    """The summary as a Markdown table: each figure's mean over seeds, (lowest - highest seed)."""
+    columns = ["held_out_accuracy", "held_out_best_of_k", "other_accuracy", "held_out_grounded_rate",
+               "harmful_rate", "kl"]
+    lines = ["| system | seeds | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for system, figures in summary.items():
+        cells = []
+        for c in columns:
+            f = figures[c]
+            cells.append(f"{f['mean']:.3f}" + (f" ({f['min']:.3f}-{f['max']:.3f})" if f["n"] > 1 else ""))
+        lines.append(f"| {system} | {figures[columns[0]]['n']} | " + " | ".join(cells) + " |")
+    if {"base", "label-free", "gold"} <= summary.keys():  # the issue's targets, on the means
+        mean = {s: {k: v["mean"] for k, v in summary[s].items()} for s in summary}
+        gain = mean["label-free"]["held_out_accuracy"] - mean["base"]["held_out_accuracy"]
+        gap = mean["base"]["held_out_best_of_k"] - mean["base"]["held_out_accuracy"]
+        gold = mean["gold"]["held_out_accuracy"] - mean["base"]["held_out_accuracy"]
+        lines += ["", f"label-free gain {100 * gain:+.1f} points held out; closes {gain / gap:.0%} of the gap to the "
+                  f"base best-of-k; {gain / gold:.0%} of the gold-reward gain ({100 * gold:+.1f}); other domain "
+                  f"{100 * (mean['label-free']['other_accuracy'] - mean['base']['other_accuracy']):+.1f}; harmful "
+                  f"{mean['base']['harmful_rate']:.3f} -> {mean['label-free']['harmful_rate']:.3f}"]
+    return "\n".join(lines)
+
+
 def plot(summary: dict, out: Path) -> None:
     """Bars per system (mean over seeds, whiskers from the lowest to the highest seed) for each figure."""
     import matplotlib
@@ -263,6 +287,7 @@ def main() -> None:
         write_report({"benchmark": "quality", "settings": settings, "results": results,
                       "summary": summarise(results)}, out)
         plot(summarise(results), out.with_suffix(".png"))
+    print(table(summarise(results)))
 
 
 if __name__ == "__main__":

@@ -398,9 +398,9 @@ def gate(result: dict, before: float, before_values: Sequence[float] | None, mar
     its per-task `before_values`): promote when the gain is at least min_gain_z standard errors of the paired
     per-task differences, less `margin`. With min_gain_z = 0 that is eval >= before - margin. Returns (promote,
     reason)."""
-    gain, value = result["value"] - before, result["value"]
+    value = result["value"]
     if not min_gain_z:
-        if gain >= -margin:
+        if value >= before - margin:
             return True, f"eval {value:.4f} >= promoted {before:.4f} - margin {margin}"
         return False, f"eval {value:.4f} < promoted {before:.4f} - margin {margin}: rolled back"
     values = result.get("values")

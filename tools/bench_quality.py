@@ -284,9 +284,9 @@ def main() -> None:
               f"{row['other']['accuracy']:.3f}; harmful {row['harmful_rate']:.3f}"
               + (f"; KL {row['kl']:.4f}" if "kl" in row else ""), flush=True)
         results.append(row)
-        write_report({"benchmark": "quality", "settings": settings, "results": results,
-                      "summary": summarise(results)}, out)
-        plot(summarise(results), out.with_suffix(".png"))
+        summary = summarise(results)
+        write_report({"benchmark": "quality", "settings": settings, "results": results, "summary": summary}, out)
+        plot(summary, out.with_suffix(".png"))
     print(table(summarise(results)))
 
 

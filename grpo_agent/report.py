@@ -114,6 +114,8 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
                       "|---|---|---|---|"]
             lines += [f"| {r['round']} | {r['labelled_groups']} | {_fmt(r['top_correct_rate'])} | "
                       f"{_fmt(r['sample_correct_rate'])} |" for r in gold]
+    if done:  # why each round was kept or rolled back, in the gate's own words
+        lines += ["", "Gate decisions:", ""] + [f"- round {r['round']}: {r['reason']}" for r in done if r.get("reason")]
     fired = [r for r in done if r.get("guards")]
     state = run_dir / "state.json"
     stopped = json.loads(state.read_text(encoding="utf-8")).get("stopped") if state.is_file() else None

@@ -63,6 +63,7 @@ def test_the_whole_loop_collects_updates_evaluates_gates_and_reports(policy, emb
     text = report.read_text()
     assert "2 rounds: 1 promoted, 1 rolled back" in text and "| before | accuracy | 0.100 | 2 |" in text
     assert "| round | entropy | answer tokens |" in text
+    assert f"- round 2: {rows[0]['reason']}" in text  # the gate's reason for rolling round 2 back
     for png in ("eval.png", "scores.png", "kl.png", "monitors.png"):
         assert (report.parent / png).stat().st_size > 1000
 

@@ -197,6 +197,9 @@ def main() -> None:
         print(f"{name}: accuracy base {s['base_accuracy']:.3f} best {s['best_accuracy']:.3f} final "
               f"{s['final_accuracy']:.3f}; harmful {s['base_harmful']:.3f} -> {s['final_harmful']:.3f}; "
               f"{s['promoted']}/{s['rounds']} promoted, guards fired in {s['guards_fired']} rounds")
+        if name.startswith("guarded"):  # the target, on 40 questions (one question = 2.5 points)
+            met = s["final_below_best"] <= 0.01 + 1e-9 and s["final_minus_base"] > 0
+            print(f"  target (ends <= 1 point below its best round and above base): {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

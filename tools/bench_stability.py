@@ -189,11 +189,10 @@ def main() -> None:
     out = Path(args.out)
     plot(runs, out.with_suffix(".png"))
     settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "settings", "runs", "out")}
+    summaries = {name: summary(rows) for name, rows in runs.items()}
     write_report({"benchmark": "stability", "settings": settings, "gate": GATE, "guards": GUARDS,
-                  "penalties": PENALTIES,
-                  "summary": {name: summary(rows) for name, rows in runs.items()}, "runs": runs}, out)
-    for name, rows in runs.items():
-        s = summary(rows)
+                  "penalties": PENALTIES, "summary": summaries, "runs": runs}, out)
+    for name, s in summaries.items():
         print(f"{name}: accuracy base {s['base_accuracy']:.3f} best {s['best_accuracy']:.3f} final "
               f"{s['final_accuracy']:.3f}; harmful {s['base_harmful']:.3f} -> {s['final_harmful']:.3f}; "
               f"{s['promoted']}/{s['rounds']} promoted, guards fired in {s['guards_fired']} rounds")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import SamplingConfig
-from .errors import GRPOAgentError
+from .errors import AgentError
 from .prompts import SYSTEM, answer_messages
 from .records import Completion, Group, Passage
 from .scoring import ScoreContext, SelfScorer
@@ -26,9 +26,6 @@ from .scoring import ScoreContext, SelfScorer
 Task = str | Sequence[dict]  # a question, or a chat (the last user message is the question)
 PROMOTED = "promoted.json"  # in a loop's run directory: {"version": ..., "adapter": <adapter directory>}
 
-
-class AgentError(GRPOAgentError):
-    """A task the agent cannot answer as given."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import GRPOAgentError
+from .errors import ExperienceError, GRPOAgentError
 from .records import Group
 from .scoring import GroupScores, ScoreContext
 
@@ -50,9 +50,6 @@ LESSON_PROMPT = (
 OPERATIONS = ("ADD", "MODIFY", "DELETE", "KEEP")
 _OP = re.compile(r"^\W*(ADD|MODIFY|DELETE|KEEP)\b\s*(\d+)?\s*[:.\-]?\s*(.*)$", re.IGNORECASE)
 
-
-class ExperienceError(GRPOAgentError):
-    """A lesson file that cannot be loaded."""
 
 
 @dataclass

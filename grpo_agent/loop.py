@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .agent import PROMOTED, GRPOAgent
 from .config import LoopConfig, UpdateConfig
-from .errors import GRPOAgentError
+from .errors import LoopError
 from .evaluation import evaluate, is_correct, monitors
 from .scoring import blend_feedback, group_advantages
 from .updater import GRPOUpdater, latest_checkpoint
@@ -46,9 +46,6 @@ from .updater import GRPOUpdater, latest_checkpoint
 BASE = "base"
 MODES = ("grpo", "training-free")
 
-
-class LoopError(GRPOAgentError):
-    """A loop that cannot run as configured."""
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -33,6 +33,30 @@ class Group:
     temperature: float = 1.0  # the temperature the log-probs were taken at
     zero_variance: bool = False  # scores did not vary within the group: no signal, the updater skips it
     group_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    info: GroupInfo | None = None  # what the store logged beside the group (None until read back from a store)
+
+
+@dataclass
+class GroupInfo:
+    """What a store keeps beside a logged group."""
+
+    prompt: str  # the question as asked
+    passage_ids: list[str]  # the facts retrieved for it, best first
+    config_hash: str  # config.config_hash of the setup that sampled and scored it
+    task_id: str | None  # the task file's id, when it came from one
+    source: str  # who logged it: agent, loop, collect, server
+    meta: dict  # anything else the caller logged (e.g. the loop's round)
+    created: float  # time.time() when logged
+
+
+@dataclass
+class Feedback:
+    """A client's rating of a logged answer (POST /v1/feedback)."""
+
+    index: int | None  # the completion rated; None: the answer that was served (the group's top composite)
+    rating: float  # in [0, 1]
+    text: str = ""
+    created: float = 0.0  # time.time() when reported
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import GRPOAgentError
+from .errors import RetrievalError
 from .hub import no_progress_bars, packaged_path
 from .records import Hit, Passage
 
@@ -40,9 +40,6 @@ IVF_NPROBE = 16
 COMPACT_FRACTION = 0.2  # rebuild once this fraction of rows is tombstoned
 FORMAT_VERSION = 1
 
-
-class RetrievalError(GRPOAgentError):
-    """An index or embedder problem: missing model, corrupt files, wrong embedder, bad input."""
 
 
 def bundled_embedder_path() -> Path:

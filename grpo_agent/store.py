@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from .errors import GRPOAgentError
+from .errors import StoreError, UnknownGroupError
 from .records import Completion, Group
 
 T = TypeVar("T")
@@ -115,9 +115,6 @@ MIGRATIONS: list[tuple[str, ...]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-
-class StoreError(GRPOAgentError):
-    """A trajectory store problem: unreadable or newer file, duplicate or unknown id, locked database."""
 
 
 class TrajectoryStore:
@@ -477,12 +474,12 @@ class TrajectoryStore:
 
     def _require_group(self, conn: sqlite3.Connection, group_id: str) -> None:
         if not _group_exists(conn, group_id):
-            raise StoreError(f"no group {group_id!r} in {self.path}; log it with log_group first")
+            raise UnknownGroupError(f"no group {group_id!r} in {self.path}; log it with log_group first")
 
     def _one(self, group_id: str) -> tuple[Group, dict]:
         found = self._select([group_id], None, None, False, None, None)
         if not found:
-            raise StoreError(f"no group {group_id!r} in {self.path}; ids come from log_group or groups()")
+            raise UnknownGroupError(f"no group {group_id!r} in {self.path}; ids come from log_group or groups()")
         return found[0]
 
     def _select(

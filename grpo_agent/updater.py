@@ -27,13 +27,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .config import UpdateConfig
-from .errors import GRPOAgentError
+from .errors import UpdateError
 from .grpo import completion_logprobs, grpo_loss
 from .records import Group
 
-
-class UpdateError(GRPOAgentError):
-    """Bad training input or an unreadable checkpoint."""
 
 
 @dataclass

@@ -14,6 +14,16 @@ settings, runs the agent on each set and logs the groups; it alone touches the m
 A promoted adapter (`--run`) is picked up between two batches. A stream is produced from the finished
 answer (best of K needs all K), so the group is logged before the first byte: a client that disconnects
 loses nothing already logged.
+
+A request whose chat (with the agent's system prompt) plus its max_tokens is past the model's context is
+refused with OpenAI's 400 `context_length_exceeded` before it is queued (tokenised off the model worker);
+one that the retrieved facts push over fails alone, and the rest of its batch is answered. On SIGTERM or
+Ctrl-C, queued requests get a 503 at once, the batch in hand has `shutdown_grace_s` to finish (then its
+requests get a 503 too) and the process exits; each group is logged in one SQLite transaction, so a batch
+cut short leaves no partial group in the store.
+
+One module of about 460 lines: the request schema, the batching worker and the routes share the limits
+and error shapes of ServerConfig and APIError, and read best together.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,9 +44,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .agent import GRPOAgent
-from .errors import GRPOAgentError
-from .toolcalls import parse_tool_call, tool_system_turn
+from .agent import GRPOAgent, split_task
+from .errors import ContextLengthError, GRPOAgentError, UnknownGroupError
+from .toolcalls import cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
 
 
 @dataclass
@@ -53,6 +64,7 @@ class ServerConfig:
     batch_wait_ms: float = 50.0  # how long the worker waits for more requests before sampling a batch
     max_batch: int = 16  # requests answered by one sampling call
     stream_chunk_chars: int = 16  # characters per streamed delta
+    shutdown_grace_s: float = 3.0  # on SIGTERM: how long the batch in hand may run before its requests get 503
 
 
 # ----- request schema ---------------------------------------------------------------------------------------
@@ -121,11 +133,10 @@ def to_chat(messages: list[Message]) -> list[dict]:
     chat = []
     for m in messages:
         if m.role == "tool":
-            chat.append({"role": "tool", "content": f"Result of tool {m.name or m.tool_call_id}: {_text(m.content)}"})
+            chat.append(tool_result_turn(m.name or m.tool_call_id, _text(m.content)))
         elif m.role == "assistant" and m.tool_calls:
-            calls = [{"tool": c.get("function", {}).get("name"),
-                      "arguments": json.loads(c.get("function", {}).get("arguments") or "{}")} for c in m.tool_calls]
-            chat.append({"role": "assistant", "content": json.dumps(calls[0] if len(calls) == 1 else calls)})
+            functions = [c.get("function", {}) for c in m.tool_calls]
+            chat.append(tool_calls_turn([(f.get("name"), json.loads(f.get("arguments") or "{}")) for f in functions]))
         else:
             chat.append({"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)})
     return chat
@@ -136,9 +147,21 @@ def to_chat(messages: list[Message]) -> list[dict]:
 class _Job:
     chat: list[dict]
     params: dict  # sampling overrides: k, temperature, top_p, max_new_tokens, seed
-    done: threading.Event = field(default_factory=threading.Event)
-    reply: Any = None
-    error: BaseException | None = None
+    future: Future = field(default_factory=Future)  # the Reply, or the error the request is answered with
+
+    def finish(self, reply: Any = None, error: BaseException | None = None) -> None:
+        """Hand the waiting request its reply or error, unless it already has one."""
+        with contextlib.suppress(InvalidStateError):  # released at shutdown, or the request gave up
+            if error is None:
+                self.future.set_result(reply)
+            else:
+                self.future.set_exception(error)
+
+
+def _shutting_down() -> APIError:
+    """The error a request still waiting for the model gets when the server stops."""
+    return APIError(503, "the server is shutting down: retry the request when it is back", code="server_shutting_down",
+                    kind="server_error")
 
 
 class Batcher:
@@ -148,16 +171,37 @@ class Batcher:
         self.agent, self.wait_s, self.max_batch = agent, wait_ms / 1000, max_batch
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run, for tests and the benchmark
+        self._closing = False
+        self._lock = threading.Lock()  # orders submit() against close()
+        self._in_hand: list[_Job] = []  # the batch the worker is answering
         self._thread = threading.Thread(target=self._run, name="grpo-agent-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, job: _Job) -> _Job:
-        self.jobs.put(job)
+        with self._lock:
+            if self._closing:
+                job.finish(error=_shutting_down())
+            else:
+                self.jobs.put(job)
         return job
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 3.0) -> None:
+        """Stop: queued requests get a 503 now, the batch in hand has `grace_s` to finish, then its requests get
+        a 503 too. The worker is a daemon thread: a batch still running when the process exits logs no partial
+        group (each group is one SQLite transaction)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        while True:  # nothing is queued after the flag, so this empties the queue for good
+            try:
+                self.jobs.get_nowait().finish(error=_shutting_down())
+            except queue.Empty:
+                break
         self.jobs.put(None)
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=grace_s)
+        for job in self._in_hand:
+            job.finish(error=_shutting_down())
 
     def _run(self) -> None:
         while True:
@@ -178,20 +222,35 @@ class Batcher:
                     break
                 batch.append(nxt)
                 deadline = min(start + 4 * self.wait_s, time.monotonic() + self.wait_s)
+            self._in_hand = batch
+            if self._closing:  # close() began while this batch gathered
+                for j in batch:
+                    j.finish(error=_shutting_down())
+                continue
             self.batches.append(len(batch))
             by_params: dict[str, list[_Job]] = {}
             for j in batch:
                 by_params.setdefault(json.dumps(j.params, sort_keys=True), []).append(j)
             for same in by_params.values():
-                try:
-                    replies = self.agent.respond_batch([j.chat for j in same], source="server", **same[0].params)
-                    for j, r in zip(same, replies):
-                        j.reply = r
-                except BaseException as e:  # noqa: BLE001 - handed to the waiting request, never lost
-                    for j in same:
-                        j.error = e
-                for j in same:
-                    j.done.set()
+                self._answer(same)
+            self._in_hand = []
+
+    def _answer(self, jobs: list[_Job]) -> None:
+        """Answer jobs with the same settings in one respond_batch call; one too long for the context fails alone."""
+        while jobs:
+            try:
+                replies = self.agent.respond_batch([j.chat for j in jobs], source="server", **jobs[0].params)
+            except ContextLengthError as e:  # raised before any sampling: retry without that job
+                jobs[e.index].finish(error=e)
+                jobs = jobs[: e.index] + jobs[e.index + 1 :]
+                continue
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting requests, never lost
+                for j in jobs:
+                    j.finish(error=e)
+                return
+            for j, r in zip(jobs, replies):
+                j.finish(r)
+            return
 
 
 # ----- the app ----------------------------------------------------------------------------------------------
@@ -205,7 +264,7 @@ def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        batcher.close()  # finish the batch in hand, then stop
+        batcher.close(cfg.shutdown_grace_s)  # answer or release every waiting request, then stop
 
     app = FastAPI(title="grpo-agent", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
@@ -265,22 +324,27 @@ def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
         fb = await read_json(request, FeedbackRequest)
         try:
             fid = agent.store.add_feedback(fb.group_id, fb.rating, fb.completion_index, fb.text)
+        except UnknownGroupError as e:
+            raise APIError(404, str(e), param="group_id") from e
         except GRPOAgentError as e:
-            raise APIError(404 if "no group" in str(e) else 400, str(e), param="group_id") from e
+            raise APIError(400, str(e), param="group_id") from e
         return {"id": fid, "object": "feedback", "group_id": fb.group_id}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorise(request)
         req = await read_json(request, ChatRequest)
-        job = _Job(*_check(req, agent, cfg))
-        batcher.submit(job)
-        await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
-        if job.error is not None:
-            if isinstance(job.error, GRPOAgentError):
-                raise APIError(400, str(job.error))
-            raise job.error
-        body = _response(req, job.reply, cfg)
+        chat, params = _check(req, agent, cfg)
+        max_new_tokens = params.get("max_new_tokens", agent.sampling.max_new_tokens)
+        try:
+            # Tokenised in a thread (not on the event loop, not on the model worker), before any model work.
+            await asyncio.to_thread(_check_context, agent, chat, max_new_tokens, params.get("tools"))
+            reply = await asyncio.wrap_future(batcher.submit(_Job(chat, params)).future)
+        except ContextLengthError as e:  # too long as sent, or once the facts were added
+            raise _too_long(e, max_new_tokens) from e
+        except GRPOAgentError as e:
+            raise APIError(400, str(e)) from e
+        body = _response(req, reply, cfg)
         if not req.stream:
             return body
         return StreamingResponse(_stream(body, cfg.stream_chunk_chars), media_type="text/event-stream")
@@ -307,7 +371,7 @@ def _check(req: ChatRequest, agent: GRPOAgent, cfg: ServerConfig) -> tuple[list[
     if k > cfg.max_k:
         raise APIError(400, f"a group of {k} answers is over the server's limit of {cfg.max_k}", param="grpo.k")
     if k > 1 and agent.scorer is None:
-        raise APIError(400, f"this server samples one answer per request; n and grpo.k must be 1", param="n")
+        raise APIError(400, "this server samples one answer per request; n and grpo.k must be 1", param="n")
     chat = to_chat(req.messages)
     tools = req.tools if req.tools and req.tool_choice != "none" else None
     native = tools and agent.policy.template_takes_tools
@@ -318,6 +382,21 @@ def _check(req: ChatRequest, agent: GRPOAgent, cfg: ServerConfig) -> tuple[list[
     return chat, {key: v for key, v in params.items() if v is not None}
 
 
+def _check_context(agent: GRPOAgent, chat: list[dict], max_new_tokens: int, tools: list[dict] | None) -> None:
+    """ContextLengthError when the chat as the agent prompts it, before facts and lessons are added (they only
+    lengthen it), plus max_new_tokens is past the model's context."""
+    question, history = split_task(chat)  # without lessons: finding them is model work, which stays on the worker
+    agent.encode_prompts([agent.messages(question, history, [], lessons=False)], max_new_tokens, tools)
+
+
+def _too_long(e: ContextLengthError, max_new_tokens: int) -> APIError:
+    """OpenAI's context_length_exceeded error for a request past the model's context."""
+    return APIError(400, f"this model's maximum context length is {e.limit} tokens, but the request needs "
+                         f"{e.prompt_tokens + max_new_tokens}: {e.prompt_tokens} for the messages as the agent prompts "
+                         f"the model, and {max_new_tokens} for the answer; shorten the messages or lower max_tokens",
+                    param="messages", code="context_length_exceeded")
+
+
 def _response(req: ChatRequest, reply, cfg: ServerConfig) -> dict:
     """The chat.completion object: the n best answers, best first, with the group in "grpo"."""
     order = sorted(range(len(reply.candidates)), key=lambda i: (i != reply.best, -(reply.candidates[i].composite or 0.0)))
@@ -326,10 +405,8 @@ def _response(req: ChatRequest, reply, cfg: ServerConfig) -> dict:
     choices = []
     for n, i in enumerate(order[: req.n]):
         c = reply.candidates[i]
-        text, finish = c.text, c.finish_reason
-        cut = [text.find(s) for s in stops if s and s in text]
-        if cut:
-            text, finish = text[: min(cut)], "stop"
+        text, cut = cut_at_stop(c.text, stops)
+        finish = "stop" if cut else c.finish_reason
         message: dict[str, Any] = {"role": "assistant", "content": text}
         call = parse_tool_call(text, tools) if tools and req.tool_choice != "none" else None
         if call:
@@ -374,7 +451,17 @@ def _stream(body: dict, size: int):
 
 
 def serve(agent: GRPOAgent, cfg: ServerConfig) -> None:
-    """Run the server until interrupted."""
+    """Run the server until SIGTERM or Ctrl-C, then stop within about cfg.shutdown_grace_s."""
     import uvicorn
 
-    uvicorn.run(create_app(agent, cfg), host=cfg.host, port=cfg.port, log_level="info")
+    app = create_app(agent, cfg)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # Answer every waiting request first (its reply, or a 503 once the grace is spent), so uvicorn
+            # finds no connection waiting on the model when it closes them.
+            await asyncio.to_thread(app.state.batcher.close, cfg.shutdown_grace_s)
+            await super().shutdown(sockets)
+
+    Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                          timeout_graceful_shutdown=cfg.shutdown_grace_s)).run()

@@ -1,5 +1,6 @@
 """Tool calling for models without native support: the tools are described in a system turn, and a JSON
-object naming one of them in the answer is read back as a call. Shared by the LangChain chat model and the
+object naming one of them in the answer is read back as a call; earlier calls and their results are turns
+of the chat as text, and a stop sequence cuts an answer. Shared by the LangChain chat model and the
 OpenAI-compatible server, so both speak the same protocol to the model."""
 
 from __future__ import annotations
@@ -20,6 +21,24 @@ def tool_system_turn(tools: Sequence[dict]) -> dict:
     listing = "\n".join(f"- {t['function']['name']}: {t['function'].get('description', '')} arguments: "
                         f"{json.dumps(t['function'].get('parameters', {}).get('properties', {}))}" for t in tools)
     return {"role": "system", "content": TOOL_PROMPT.format(tools=listing)}
+
+
+def tool_calls_turn(calls: Sequence[tuple[str | None, dict]]) -> dict:
+    """An assistant turn holding its tool calls ((name, arguments) pairs) as the JSON the model is asked to write:
+    one object, or a list of them when there are several."""
+    objs = [{"tool": name, "arguments": args} for name, args in calls]
+    return {"role": "assistant", "content": json.dumps(objs[0] if len(objs) == 1 else objs)}
+
+
+def tool_result_turn(name: str | None, content: str) -> dict:
+    """A "tool" turn holding a tool's result, naming the tool (the agent shows it to the model as a user turn)."""
+    return {"role": "tool", "content": f"Result of tool {name}: {content}"}
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first occurrence of any (non-empty) stop sequence, and whether it was cut there."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def parse_tool_call(text: str, tool_names: Sequence[str]) -> dict | None:

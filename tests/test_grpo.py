@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from grpo_agent.grpo import completion_logprobs, grpo_loss, importance_ratio, kl_k3, reduce_loss
+from grpo_agent.updater import Row, collate
 
 B, P, T = 4, 5, 6  # completions, prompt length (no left padding: TRL passes no position ids), completion length
 
@@ -95,16 +96,13 @@ def test_loss_and_gradients_equal_trl(trl_trainer, batch, loss_type, level, beta
 def test_completion_logprobs_match_the_sampler(tiny_policy):
     groups = tiny_policy.sample([[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "A longer one?"}]],
                                 k=2, max_new_tokens=8, temperature=0.9, seed=0)
-    prompts = [g.prompt_token_ids for g in groups for _ in g.completions]
-    completions = [c.token_ids for g in groups for c in g.completions]
-    Lp, Tc = max(map(len, prompts)), max(map(len, completions))
-    ids = torch.full((len(prompts), Lp + Tc), tiny_policy.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(zip(prompts, completions)):  # prompt left-padded, completion right-padded
-        ids[i, Lp - len(p) : Lp + len(c)] = torch.tensor(p + c)
-        mask[i, Lp - len(p) : Lp + len(c)] = 1
+    rows = [Row(prompt=g.prompt_token_ids, completion=c.token_ids, old_logp=c.logprobs, advantage=0.0,
+                temperature=0.9, group_id=g.group_id) for g in groups for c in g.completions]
+    batch = collate(rows, tiny_policy.pad_token_id, torch.device("cpu"))  # as the updater batches them
+    Tc = batch["mask"].shape[1]
     with torch.no_grad():
-        logp, entropy = completion_logprobs(tiny_policy.model, ids, mask, Tc, temperature=0.9, with_entropy=True)
+        logp, entropy = completion_logprobs(tiny_policy.model, batch["input_ids"], batch["attention_mask"], Tc,
+                                            temperature=0.9, with_entropy=True)
     for i, c in enumerate(c for g in groups for c in g.completions):
         assert torch.allclose(logp[i, : len(c.token_ids)], torch.tensor(c.logprobs), atol=1e-4)
     assert (entropy >= 0).all() and entropy.shape == logp.shape

@@ -79,10 +79,15 @@ def test_langchain_chat_openai_works_unchanged(server):
 
     url, agent, _ = server
     chat = ChatOpenAI(base_url=url + "/v1", api_key=KEY, model="grpo-agent", max_retries=0)
-    before = agent.store.count_groups()
-    assert isinstance(chat.invoke("Where do most tigers live?").content, str)
-    assert "".join(c.content for c in chat.stream("How many tigers are left?")) is not None
-    assert agent.store.count_groups() == before + 2
+
+    def best_of_the_new_group(seen: set[str]) -> str:  # the answer of the one group logged since `seen`
+        (new,) = {g.group_id for g in agent.store.groups()} - seen
+        seen.add(new)
+        return max(agent.store.get_group(new).completions, key=lambda c: c.composite).text
+
+    seen = {g.group_id for g in agent.store.groups()}
+    assert chat.invoke("Where do most tigers live?").content == best_of_the_new_group(seen)
+    assert "".join(c.content for c in chat.stream("How many tigers are left?")) == best_of_the_new_group(seen)
 
 
 def test_n_choices_per_request_k_and_stop(server):
@@ -102,8 +107,7 @@ def test_feedback_is_stored_with_its_group(server):
     gid = r.json()["grpo"]["group_id"]
     assert post(url, "/v1/feedback", {"group_id": gid, "rating": 0.25, "text": "vague"}).status_code == 200
     assert post(url, "/v1/feedback", {"group_id": gid, "rating": 1, "completion_index": 2}).status_code == 200
-    assert [(f["index"], f["rating"], f["text"]) for f in agent.store.feedback(gid)] == [
-        (None, 0.25, "vague"), (2, 1.0, "")]
+    assert [(f.index, f.rating, f.text) for f in agent.store.feedback(gid)] == [(None, 0.25, "vague"), (2, 1.0, "")]
     assert post(url, "/v1/feedback", {"group_id": "nope", "rating": 0.5}).status_code == 404
     assert post(url, "/v1/feedback", {"group_id": gid, "rating": 1.5}).status_code == 400
     assert post(url, "/v1/feedback", {"group_id": gid, "rating": 1, "completion_index": 9}).status_code == 400
@@ -215,3 +219,72 @@ def test_tools_go_to_a_chat_template_that_renders_them(tiny_model_dir, embedder,
                                                              tools)
     native = '<tool_call>{"name": "species_status", "arguments": {"species": "kakapo"}}</tool_call>'
     assert parse_tool_call(native, ["species_status"])["args"] == {"species": "kakapo"}
+
+
+LONG = "Tigers, elephants and rhinos are poached for skins, ivory and horn. " * 40  # ~1,500 tokens: past 512
+
+
+def test_a_chat_past_the_context_is_refused_before_any_model_work(server):
+    url, agent, app = server
+    groups, batches = agent.store.count_groups(), len(app.state.batcher.batches)
+    start = time.monotonic()
+    r = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]})
+    assert time.monotonic() - start < 1.0
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "maximum context length is 512 tokens" in error["message"] and "max_tokens" in error["message"]
+    assert len(app.state.batcher.batches) == batches and agent.store.count_groups() == groups  # no model work
+    ok = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Why protect tigers?"}]})
+    assert ok.status_code == 200 and agent.store.count_groups() == groups + 1
+
+
+def test_in_a_batch_only_the_task_past_the_context_fails(tiny_model_dir, embedder, tmp_path):
+    from grpo_agent.errors import ContextLengthError
+    from grpo_agent.server import Batcher, _Job
+
+    agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, tmp_path / "s.sqlite", k=2,
+                       max_new_tokens=4)
+    batcher = Batcher(agent, wait_ms=200)
+    try:
+        short, long = (batcher.submit(_Job([{"role": "user", "content": q}], {"k": 2}))
+                       for q in ("Why protect tigers?", LONG))
+        assert short.future.result(timeout=60).group_id is not None
+        with pytest.raises(ContextLengthError) as e:
+            long.future.result(timeout=60)
+        assert e.value.limit == 512 and e.value.prompt_tokens > 512
+        assert batcher.batches == [2] and agent.store.count_groups() == 1  # one batch; the short one answered
+    finally:
+        batcher.close()
+
+
+class SlowAgent:
+    """Holds the worker until released (a long batch), to test what shutdown does to waiting requests."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def respond_batch(self, chats, **kwargs):
+        self.started.set()
+        self.release.wait(timeout=60)
+        return [None] * len(chats)
+
+
+def test_closing_releases_every_waiting_request_with_a_503():
+    from grpo_agent.server import APIError, Batcher, _Job
+
+    agent = SlowAgent()
+    batcher = Batcher(agent, wait_ms=0)
+    try:
+        in_hand = batcher.submit(_Job([{"role": "user", "content": "first"}], {}))
+        assert agent.started.wait(timeout=10)
+        queued = batcher.submit(_Job([{"role": "user", "content": "second"}], {}))
+        start = time.monotonic()
+        batcher.close(grace_s=0.2)
+        assert time.monotonic() - start < 2.0
+        late = batcher.submit(_Job([{"role": "user", "content": "third"}], {}))
+        for job in (in_hand, queued, late):
+            error = job.future.exception(timeout=1)
+            assert isinstance(error, APIError) and error.status == 503 and "shutting down" in error.message
+    finally:
+        agent.release.set()

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 from uuid import UUID
 
@@ -23,7 +22,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from ..retrieval import FactIndex
-from ..toolcalls import parse_tool_call, tool_system_turn
+from ..toolcalls import cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
@@ -34,10 +33,9 @@ def to_chat(messages: Sequence[BaseMessage]) -> list[dict]:
     chat = []
     for m in messages:
         if isinstance(m, ToolMessage):
-            chat.append({"role": "tool", "content": f"Result of tool {m.name or m.tool_call_id}: {m.text}"})
+            chat.append(tool_result_turn(m.name or m.tool_call_id, m.text))
         elif isinstance(m, AIMessage) and m.tool_calls:
-            calls = [{"tool": c["name"], "arguments": c["args"]} for c in m.tool_calls]
-            chat.append({"role": "assistant", "content": json.dumps(calls[0] if len(calls) == 1 else calls)})
+            chat.append(tool_calls_turn([(c["name"], c["args"]) for c in m.tool_calls]))
         elif m.type in _ROLES:
             chat.append({"role": _ROLES[m.type], "content": m.text})
         else:
@@ -71,10 +69,7 @@ class GRPOChatModel(BaseChatModel):
             chat = [tool_system_turn(tools)] + chat
         overrides = {"k": self.k} if self.k else {}
         reply = self.agent.respond(chat, **overrides)
-        text = reply.answer
-        if stop:
-            cut = [text.find(s) for s in stop if s in text]
-            text = text[: min(cut)] if cut else text
+        text, _ = cut_at_stop(reply.answer, stop or [])
         call = parse_tool_call(text, [t["function"]["name"] for t in tools]) if tools else None
         if call:
             call["type"] = "tool_call"

@@ -6,28 +6,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .records import Passage
 from .retrieval import Embedder, FactIndex, RetrievalError
+from .text import split_sentences
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".csv")
-# A sentence ends at . ! or ? (optionally closed by a quote or bracket) followed by space.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
-_PARAGRAPH = re.compile(r"\n\s*\n")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`; paragraph breaks and Markdown headings always end a sentence."""
-    sentences = []
-    for para in _PARAGRAPH.split(text):
-        para = " ".join(para.split())
-        if para:
-            sentences.extend(s.strip() for s in _SENTENCE_END.split(para) if s.strip())
-    return sentences
 
 
 def split_passages(text: str, size: int = 600, overlap: int = 100) -> list[str]:

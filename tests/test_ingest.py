@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 
 from grpo_agent.cli import main
-from grpo_agent.ingest import find_files, ingest, read_passages, split_passages, split_sentences
+from grpo_agent.ingest import find_files, ingest, read_passages, split_passages
 from grpo_agent.retrieval import FactIndex, RetrievalError
+from grpo_agent.text import split_sentences
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "conservation"
 

@@ -6,7 +6,7 @@ import torch
 
 from grpo_agent.config import ScoringConfig, config_from_dict
 from grpo_agent.errors import ConfigError
-from grpo_agent.records import Completion, Group, Passage
+from grpo_agent.records import Completion, Feedback, Group, Passage
 from grpo_agent.scoring import (
     ScoreContext,
     ScoreResult,
@@ -16,10 +16,11 @@ from grpo_agent.scoring import (
     group_advantages,
     make_scorer,
     register,
+    scorer_needs,
 )
 from grpo_agent.scoring.claims import final_answer, names, numbers
-from grpo_agent.scoring.education import repetition
 from grpo_agent.scoring.safety import RuleSet
+from grpo_agent.text import repetition
 
 FACTS = [
     Passage("p1", "The snow leopard is listed as Vulnerable on the IUCN Red List; about 4,000 to 6,500 remain "
@@ -227,8 +228,97 @@ def test_custom_scorers_register_by_name():
     scorer = SelfScorer([make_scorer("shortest")], {"shortest": 1.0})
     scored, _ = scorer.score_group(group_of("a long answer", "short"), CONTEXT)
     assert scored.best == 1
+    no_needs = ScoringConfig(weights={"shortest": 1.0}, gates=[])  # registered without needs: built bare
+    assert scorer_needs(no_needs) == set() and build_self_scorer(no_needs).scorers[0].name == "shortest"
     with pytest.raises(ConfigError, match="unknown scorer 'nope': registered scorers are .*shortest"):
         make_scorer("nope")
+
+
+@register("closest_to_facts", needs=("embedder",))
+class ClosestToFacts:
+    """A user's signal that asks for the embedder: cosine of each answer to the first fact."""
+
+    name = "closest_to_facts"
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+
+    def score(self, group, context):
+        vectors = self.embedder.encode([context.passages[0].text] + [c.text for c in group.completions])
+        sims = [float(np.clip(v @ vectors[0], 0.0, 1.0)) for v in vectors[1:]]
+        return ScoreResult(self.name, sims, ["" for _ in sims])
+
+
+@register("judged", needs=("judge",))
+def judged(judge):
+    """A user's signal built by a factory function that asks for the judge."""
+    scorer = make_scorer("reasoning", judge=judge)
+    scorer.name = "judged"
+    return scorer
+
+
+def test_a_registered_signal_gets_the_resources_it_declares(embedder, tiny_policy):
+    cfg = ScoringConfig(weights={"closest_to_facts": 1.0, "judged": 0.5}, gates=["safety"])
+    assert scorer_needs(cfg) == {"embedder", "judge", "safety_rules", "species"}
+    assert scorer_needs(ScoringConfig(weights={"closest_to_facts": 1.0}, gates=[])) == {"embedder"}
+    scorer = build_self_scorer(cfg, embedder=embedder, judge=tiny_policy)
+    mine, judge, _ = scorer.scorers
+    assert mine.embedder is embedder and judge.judge is tiny_policy
+    scored, _ = scorer.score_group(group_of(UNGROUNDED, GROUNDED), CONTEXT)
+    assert set(scored.signals) == {"closest_to_facts", "judged", "safety"}
+    assert scored.signals["closest_to_facts"][1] > scored.signals["closest_to_facts"][0]
+
+
+def test_a_signal_whose_resource_is_missing_is_a_config_error(embedder):
+    with pytest.raises(ConfigError, match="the closest_to_facts scorer needs 'embedder'.*pass build_self_scorer an"):
+        build_self_scorer(ScoringConfig(weights={"closest_to_facts": 1.0}))
+    with pytest.raises(ConfigError, match="the judged scorer needs 'judge'.*scoring.judge"):
+        build_self_scorer(ScoringConfig(weights={"grounding": 1.0}, gates=["judged"]), embedder=embedder)
+    with pytest.raises(ConfigError, match="unknown scorer 'nope'"):
+        scorer_needs(ScoringConfig(weights={"nope": 1.0}))
+    with pytest.raises(ValueError, match=r"needs unknown resources \['embeder'\]: choose from embedder, judge"):
+        register("typo", needs=("embeder",))
+
+
+# ----- clients' feedback ---------------------------------------------------------------------------------
+
+def scored_group(*composites, group_id):
+    group = group_of(*[f"answer {i}" for i in range(len(composites))])
+    group.group_id = group_id
+    for c, x in zip(group.completions, composites):
+        c.composite = x
+    return group
+
+
+def test_rescore_blends_ratings_and_recomputes_the_batch():
+    scorer = SelfScorer([], {}, feedback_weight=0.5)
+    rated, other = scored_group(0.2, 0.6, 0.4, group_id="g1"), scored_group(0.1, 0.3, group_id="g2")
+    ratings = {"g1": [Feedback(index=0, rating=1.0), Feedback(index=0, rating=0.6)], "g2": []}
+    assert scorer.rescore([rated, other], ratings) == 1
+    assert [c.composite for c in rated.completions] == pytest.approx([0.5, 0.6, 0.4])  # 0.5 * 0.2 + 0.5 * 0.8
+    assert [c.composite for c in other.completions] == [0.1, 0.3]  # unrated: its composites stay
+    (a1, a2), flat = group_advantages([[0.5, 0.6, 0.4], [0.1, 0.3]])
+    assert [c.advantage for c in rated.completions] == pytest.approx(a1)
+    assert [c.advantage for c in other.completions] == pytest.approx(a2) and flat == [False, False]
+
+
+def test_rescore_leaves_an_unrated_batch_and_a_zero_weight_alone():
+    group = scored_group(0.2, 0.6, group_id="g1")
+    assert SelfScorer([], {}).rescore([group], {"other": [Feedback(index=0, rating=1.0)]}) == 0
+    assert SelfScorer([], {}, feedback_weight=0.0).rescore([group], {"g1": [Feedback(index=0, rating=1.0)]}) == 1
+    assert [c.composite for c in group.completions] == [0.2, 0.6]
+    assert [c.advantage for c in group.completions] == [None, None]
+
+
+def test_a_rating_without_an_index_rates_the_served_answer():
+    group = scored_group(0.3, 0.7, 0.7, group_id="g1")  # a tie for the top: the lower index was served
+    SelfScorer([], {}, feedback_weight=0.5).rescore([group], {"g1": [Feedback(index=None, rating=0.1)]})
+    assert [c.composite for c in group.completions] == pytest.approx([0.3, 0.4, 0.7])
+    assert group.completions[2].advantage > group.completions[1].advantage
+
+
+def test_build_self_scorer_takes_the_feedback_weight_from_the_config(embedder):
+    assert build_self_scorer(ScoringConfig(feedback_weight=0.2), embedder=embedder).feedback_weight == 0.2
 
 
 def test_length_and_repetition_penalties_turn_a_degenerate_reward_around(embedder):

@@ -48,7 +48,7 @@ from grpo_agent.evaluation import is_correct
 from grpo_agent.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
-from grpo_agent.scoring import group_advantages, make_scorer
+from grpo_agent.scoring import SelfScorer, make_scorer
 from grpo_agent.updater import GRPOUpdater
 
 OTHER = DATA.parent / "astronomy"
@@ -99,15 +99,11 @@ def measure(agent: GRPOAgent, data: dict, args) -> dict:
     return row
 
 
-def gold_rewards(groups, tasks) -> None:
+def gold_rewards(scorer: SelfScorer, groups, tasks) -> None:
     """Replace the self-scores by the gold reward and recompute the advantages."""
     rewards = [[float(is_correct(c.text, t["answer"], t.get("aliases", ()))) for c in g.completions]
                for g, t in zip(groups, tasks)]
-    advantages, flat = group_advantages(rewards)
-    for g, r, adv, zero in zip(groups, rewards, advantages, flat):
-        g.zero_variance = zero
-        for c, value, a in zip(g.completions, r, adv):
-            c.composite, c.advantage = value, a
+    scorer.assign_rewards(groups, rewards)
 
 
 def task_order(pool: list[dict], n: int, seed: int) -> list[dict]:
@@ -131,7 +127,7 @@ def learn(system: str, seed: int, agent: GRPOAgent, data: dict, args) -> dict:
         groups, contexts = agent.sample_groups([t["question"] for t in chunk], seed=seed * 1_000_003 + i)
         scored = agent.scorer.score_groups(groups, contexts)
         if system == "gold":
-            gold_rewards(groups, chunk)
+            gold_rewards(agent.scorer, groups, chunk)
         zero += sum(g.zero_variance for g in groups)
         if updater is not None:
             history += updater.train(groups)

@@ -1,25 +1,35 @@
 """Self-evaluation: score a group of K answers with no reward model and no labels.
 
 Signals (one module each, registered by name): consistency, grounding, reasoning, safety, education.
-`SelfScorer` runs the configured signals on a group, combines them (composite.py) and writes each
-completion's scores, composite and advantage.
+A signal declares the resources it needs when it registers (`@register("grounding", needs=("embedder",))`)
+and `build_self_scorer` hands each configured signal those. `SelfScorer` runs the signals on a group,
+combines them (composite.py) and writes each completion's scores, composite and advantage; `rescore`
+blends clients' ratings into them.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..config import ScoringConfig
 from ..errors import ConfigError
-from ..records import Group
+from ..records import Feedback, Group
 from . import consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
-from .base import ScoreContext, Scorer, ScoreResult, make_scorer, register, registered
+from .base import RESOURCES, ScoreContext, Scorer, ScoreResult, make_scorer, needs_of, register, registered
 from .composite import GroupScores, apply_penalties, blend_feedback, combine, group_advantages, penalties
 
 __all__ = [
-    "GroupScores", "ScoreContext", "ScoreResult", "Scorer", "SelfScorer", "apply_penalties", "blend_feedback",
-    "build_self_scorer", "combine", "group_advantages", "make_scorer", "penalties", "register", "registered",
+    "RESOURCES", "GroupScores", "ScoreContext", "ScoreResult", "Scorer", "SelfScorer", "apply_penalties",
+    "blend_feedback", "build_self_scorer", "combine", "group_advantages", "make_scorer", "needs_of", "penalties",
+    "register", "registered", "scorer_needs",
 ]
+
+# How to make each resource available when a configured signal needs it.
+_FIXES = {
+    "embedder": "pass build_self_scorer an embedder (GRPOAgent.from_config loads retrieval.embedder)",
+    "judge": 'pass build_self_scorer a judge model (GRPOAgent.from_config loads scoring.judge: "policy" or a '
+             "model directory)",
+}
 
 
 class SelfScorer:
@@ -27,13 +37,14 @@ class SelfScorer:
 
     def __init__(self, scorers: Sequence[Scorer], weights: dict[str, float], gates: Iterable[str] = (),
                  scale: str = "group", eps: float = 1e-4, length_penalty: float = 0.0, min_answer_words: int = 8,
-                 repetition_penalty: float = 0.0):
+                 repetition_penalty: float = 0.0, feedback_weight: float = 0.5):
         self.scorers = list(scorers)
         self.weights = dict(weights)
         self.gates = tuple(gates)
         self.scale, self.eps = scale, eps
         self.penalty = {"length_penalty": length_penalty, "min_answer_words": min_answer_words,
                         "repetition_penalty": repetition_penalty}
+        self.feedback_weight = feedback_weight  # weight of clients' ratings blended into a composite (rescore)
 
     def score_group(self, group: Group, context: ScoreContext) -> tuple[GroupScores, list[ScoreResult]]:
         """Score one group and write each completion's per-signal scores and composite."""
@@ -50,30 +61,60 @@ class SelfScorer:
     def score_groups(self, groups: Sequence[Group], contexts: Sequence[ScoreContext]) -> list[GroupScores]:
         """Score a batch of groups and write advantages (the scale may span the batch)."""
         scored = [self.score_group(g, c)[0] for g, c in zip(groups, contexts)]
-        advantages, flat = group_advantages([s.composite for s in scored], self.scale, self.eps)
-        for group, adv, zero in zip(groups, advantages, flat):
-            group.zero_variance = zero
-            for c, a in zip(group.completions, adv):
-                c.advantage = a
+        self.assign_rewards(groups, [s.composite for s in scored])
         return scored
+
+    def assign_rewards(self, groups: Sequence[Group], composites: Sequence[Sequence[float]]) -> None:
+        """Write each completion's composite and its advantage over the batch (this scorer's scale and eps), and
+        flag the groups whose composites do not vary."""
+        if len(composites) != len(groups) or any(len(r) != len(g.completions) for g, r in zip(groups, composites)):
+            raise ValueError(f"composites for {[len(r) for r in composites]} completions do not match groups of "
+                             f"{[len(g.completions) for g in groups]}: give one composite per completion")
+        advantages, flat = group_advantages(composites, self.scale, self.eps)
+        for group, comp, adv, zero in zip(groups, composites, advantages, flat):
+            group.zero_variance = zero
+            for c, x, a in zip(group.completions, comp, adv):
+                c.composite, c.advantage = x, a
+
+    def rescore(self, groups: Sequence[Group], ratings: Mapping[str, Sequence[Feedback]]) -> int:
+        """Blend clients' ratings (group_id -> feedback) into the rated completions' composites and recompute the
+        batch's advantages; groups nobody rated keep their scores. Returns how many groups carried a rating."""
+        composites, rated = [], 0
+        for g in groups:
+            comp = [c.composite if c.composite is not None else 0.0 for c in g.completions]
+            served = max(range(len(comp)), key=lambda j: (comp[j], -j))  # top composite, ties to the lower index
+            by_index: dict[int, list[float]] = {}
+            for f in ratings.get(g.group_id, ()):
+                by_index.setdefault(served if f.index is None else f.index, []).append(f.rating)
+            rated += bool(by_index)
+            composites.append(blend_feedback(comp, {i: sum(v) / len(v) for i, v in by_index.items()},
+                                             self.feedback_weight))
+        if rated and self.feedback_weight > 0:
+            self.assign_rewards(groups, composites)
+        return rated
+
+
+def _active(cfg: ScoringConfig) -> list[str]:
+    """The signals a config runs: those with a weight > 0, then the gates."""
+    return [n for n, w in cfg.weights.items() if w > 0] + [g for g in cfg.gates if g not in cfg.weights]
+
+
+def scorer_needs(cfg: ScoringConfig) -> set[str]:
+    """The resources (embedder, judge, ...) that the configured signals (weighted or gated) need."""
+    return {r for name in _active(cfg) for r in needs_of(name)}
 
 
 def build_self_scorer(cfg: ScoringConfig, embedder=None, judge=None, species: Iterable[str] = ()) -> SelfScorer:
-    """The SelfScorer the config asks for: signals with a weight (or a gate) are built, others are not."""
-    active = [n for n, w in cfg.weights.items() if w > 0] + [g for g in cfg.gates if g not in cfg.weights]
+    """The SelfScorer the config asks for: signals with a weight (or a gate) are built, each given the resources
+    it registered as needing; others are not built."""
+    available: dict[str, Any] = {"safety_rules": cfg.safety_rules, "species": list(species)}
+    available.update({k: v for k, v in (("embedder", embedder), ("judge", judge)) if v is not None})
     scorers = []
-    for name in active:
-        if name in ("grounding", "consistency", "education"):
-            if embedder is None:
-                raise ConfigError(f"the {name} scorer needs an embedder")
-            scorers.append(make_scorer(name, embedder=embedder))
-        elif name == "safety":
-            scorers.append(make_scorer(name, rules=cfg.safety_rules, species=species))
-        elif name == "reasoning":
-            if judge is None:
-                raise ConfigError("the reasoning scorer needs a judge model: load the policy or scoring.judge")
-            scorers.append(make_scorer(name, judge=judge))
-        else:
-            scorers.append(make_scorer(name))
+    for name in _active(cfg):
+        missing = [r for r in needs_of(name) if r not in available]
+        if missing:
+            raise ConfigError(f"the {name} scorer needs {missing[0]!r}, which is not available: "
+                              + _FIXES.get(missing[0], "pass it to build_self_scorer"))
+        scorers.append(make_scorer(name, **{r: available[r] for r in needs_of(name)}))
     return SelfScorer(scorers, cfg.weights, cfg.gates, cfg.scale, cfg.eps, cfg.length_penalty, cfg.min_answer_words,
-                      cfg.repetition_penalty)
+                      cfg.repetition_penalty, feedback_weight=cfg.feedback_weight)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from ..errors import ConfigError
 from ..records import Group, Passage
@@ -43,16 +43,25 @@ class Scorer(Protocol):
     def score(self, group: Group, context: ScoreContext) -> ScoreResult: ...
 
 
+RESOURCES = ("embedder", "judge", "safety_rules", "species")  # what build_self_scorer can hand a scorer
 _REGISTRY: dict[str, Callable[..., Scorer]] = {}
+_NEEDS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
-    """Register a scorer factory under `name` (a class or a function returning a Scorer)."""
+def register(name: str, needs: Sequence[str] = ()) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
+    """Register a scorer factory under `name` (a class or a function returning a Scorer); `needs` names the
+    resources (of RESOURCES) that build_self_scorer passes it as keyword arguments of the same name."""
+    if isinstance(needs, str):
+        raise ValueError(f"scorer {name!r}: needs={needs!r} is a string; give a tuple, e.g. needs=({needs!r},)")
+    unknown = [r for r in needs if r not in RESOURCES]
+    if unknown:
+        raise ValueError(f"scorer {name!r} needs unknown resources {unknown}: choose from {', '.join(RESOURCES)}")
 
     def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"a scorer named {name!r} is already registered")
         _REGISTRY[name] = factory
+        _NEEDS[name] = tuple(needs)
         return factory
 
     return deco
@@ -63,8 +72,18 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_scorer(name: str, **kwargs: Any) -> Scorer:
-    """Build the scorer registered as `name`; an unknown name lists the known ones."""
+def _check_known(name: str) -> None:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown scorer {name!r}: registered scorers are {', '.join(registered())}")
+
+
+def needs_of(name: str) -> tuple[str, ...]:
+    """The resources the scorer registered as `name` declared it needs."""
+    _check_known(name)
+    return _NEEDS[name]
+
+
+def make_scorer(name: str, **kwargs: Any) -> Scorer:
+    """Build the scorer registered as `name`; an unknown name lists the known ones."""
+    _check_known(name)
     return _REGISTRY[name](**kwargs)

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import re
 
-from ..ingest import split_sentences
+from ..text import NUMBER_WORDS, split_sentences
 
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(?![\w])")
-_WORD_NUMBERS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
-    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40,
-    "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100,
-}
 # Capitalised words that are not names when they start a clause or are common sentence openers.
 _NOT_NAMES = {
     "i", "a", "an", "the", "this", "that", "these", "those", "it", "its", "they", "their", "there", "here", "he",
@@ -31,7 +25,7 @@ def split_claims(text: str, min_words: int = 3) -> list[str]:
 def numbers(text: str) -> set[str]:
     """Numbers stated in `text`, normalised ("1,600" -> "1600", "ten" -> "10")."""
     found = {m.group(1).replace(",", "") for m in _NUMBER.finditer(text)}
-    found |= {str(_WORD_NUMBERS[w]) for w in re.findall(r"[a-z]+", text.lower()) if w in _WORD_NUMBERS and w != "one"}
+    found |= {str(NUMBER_WORDS[w]) for w in re.findall(r"[a-z]+", text.lower()) if w in NUMBER_WORDS and w != "one"}
     return {n[:-2] if n.endswith(".0") else n for n in found}
 
 

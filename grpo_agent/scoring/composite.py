@@ -27,10 +27,10 @@ from typing import Sequence
 
 import torch
 
+from ..config import SCALES
 from ..errors import ConfigError
+from ..text import repetition
 from .base import ScoreResult
-
-SCALES = ("group", "batch", "none")
 
 
 @dataclass
@@ -85,8 +85,6 @@ def combine(
 def penalties(texts: Sequence[str], length_penalty: float = 0.0, min_answer_words: int = 8,
               repetition_penalty: float = 0.0) -> list[float]:
     """What each answer loses for being short (under min_answer_words words) or repetitive."""
-    from .education import repetition
-
     out = []
     for text in texts:
         short = max(0.0, 1.0 - len(text.split()) / min_answer_words) if min_answer_words else 0.0

@@ -17,7 +17,7 @@ from .base import ScoreContext, ScoreResult, register
 from .claims import final_answer
 
 
-@register("consistency")
+@register("consistency", needs=("embedder",))
 class ConsistencyScorer:
     """Mean agreement of each answer with the rest of its group, in [0, 1]."""
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..records import Group
 from ..retrieval import Embedder
+from ..text import repetition
 from .base import ScoreContext, ScoreResult, register
 from .claims import split_claims
 
@@ -24,18 +25,11 @@ _EXPLAINS = re.compile(
 )
 
 
-def repetition(text: str, n: int = 3) -> float:
-    """Fraction of the word n-grams of `text` that repeat an earlier one (0: none)."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
-
-
 def _ramp(x: float, lo: float, hi: float) -> float:
     return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
 
 
-@register("education")
+@register("education", needs=("embedder",))
 class EducationScorer:
     """Explains, cites facts, on topic, concise; penalises empty, truncated and repetitive answers."""
 

@@ -22,7 +22,7 @@ from .base import ScoreContext, ScoreResult, register
 from .claims import content_stems, names, numbers, split_claims
 
 
-@register("grounding")
+@register("grounding", needs=("embedder",))
 class GroundingScorer:
     """Support of each answer by the retrieved passages, anchored on the most relevant one, in [0, 1]."""
 

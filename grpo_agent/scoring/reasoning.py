@@ -32,7 +32,7 @@ def _answer_token_ids(tokenizer, yes: list[str], no: list[str]) -> tuple[list[in
     return sorted(y - n), sorted(n - y)
 
 
-@register("reasoning")
+@register("reasoning", needs=("judge",))
 class ReasoningJudge:
     """A model's yes/no verdict on each answer, as a probability."""
 

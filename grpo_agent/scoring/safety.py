@@ -16,8 +16,8 @@ from typing import Iterable
 
 from ..config import read_toml
 from ..errors import ConfigError
-from ..ingest import split_sentences
 from ..records import Group
+from ..text import split_sentences
 from .base import ScoreContext, ScoreResult, register
 
 DEFAULT_RULES = Path(__file__).resolve().parent / "rules" / "conservation.toml"
@@ -110,14 +110,14 @@ class RuleSet:
         return None
 
 
-@register("safety")
+@register("safety", needs=("safety_rules", "species"))
 class SafetyScorer:
     """0 when an answer advises harm to threatened wildlife (naming the rule and the clause), else 1."""
 
     name = "safety"
 
-    def __init__(self, rules: str | Path | None = None, species: Iterable[str] = ()):
-        self.rules = RuleSet.load(rules, species)
+    def __init__(self, safety_rules: str | Path | None = None, species: Iterable[str] = ()):
+        self.rules = RuleSet.load(safety_rules, species)
 
     def score(self, group: Group, context: ScoreContext) -> ScoreResult:
         scores, explanations, details = [], [], []

@@ -10,21 +10,19 @@ the self-improvement loop promotes, between two requests, without a restart.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from .config import SamplingConfig
-from .errors import AgentError
+from .errors import AgentError, ContextLengthError, LoopError
 from .prompts import SYSTEM, answer_messages
 from .records import Completion, Group, Passage
+from .rundir import RunDir
 from .scoring import ScoreContext, SelfScorer
 
 Task = str | Sequence[dict]  # a question, or a chat (the last user message is the question)
-PROMOTED = "promoted.json"  # in a loop's run directory: {"version": ..., "adapter": <adapter directory>}
 
 
 
@@ -87,7 +85,7 @@ class GRPOAgent:
         self.sampling = sampling or SamplingConfig(k=k)
         self.experience = experience  # training-free mode: an ExperienceLibrary whose lessons go in the prompt
         self.embedder = None  # set by from_config: the embedder of the index and scorers, for reuse
-        self._followed: Path | None = None
+        self._followed: RunDir | None = None
         self._followed_version: str | None = None
         self._lock = threading.Lock()  # one request at a time on the model (the server may use threads)
 
@@ -99,18 +97,17 @@ class GRPOAgent:
         from .config import config_hash
         from .policy import load_policy
         from .retrieval import Embedder, FactIndex
-        from .scoring import build_self_scorer
+        from .scoring import build_self_scorer, scorer_needs
         from .store import TrajectoryStore
 
+        needs = scorer_needs(cfg.scoring)  # what the configured signals registered as needing (before any loading)
         policy = policy or load_policy(cfg.policy)
-        needs_embedder = index is None and cfg.retrieval.index or any(
-            cfg.scoring.weights.get(n, 0) > 0 for n in ("grounding", "consistency", "education"))
-        if embedder is None and needs_embedder:
+        if embedder is None and (index is None and cfg.retrieval.index or "embedder" in needs):
             embedder = index.embedder if index is not None else Embedder(cfg.retrieval.embedder)
         if index is None and cfg.retrieval.index:
             index = FactIndex.load(cfg.retrieval.index, embedder)
         judge = None
-        if cfg.scoring.weights.get("reasoning", 0) > 0:
+        if "judge" in needs:
             judge = policy if cfg.scoring.judge == "policy" else load_policy(cfg.scoring.judge)
         species = sorted({p.metadata.get("species") for p in index.passages()} - {None}) if index else []
         scorer = build_self_scorer(cfg.scoring, embedder=embedder, judge=judge, species=species)
@@ -159,7 +156,8 @@ class GRPOAgent:
             self._check_promoted()
             passages = self.retrieve([q for q, _ in split])
             chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
-            groups = self.policy.sample(chats, k=k, **params)
+            prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
+            groups = self.policy.sample(chats, k=k, prompt_ids=prompts, **params)
             contexts = [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
             explanations: list[dict[str, list[str]]] = [{} for _ in groups]
             ranked = [list(range(k)) for _ in groups]
@@ -190,8 +188,24 @@ class GRPOAgent:
         with self._lock:
             passages = self.retrieve([q for q, _ in split])
             chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
-            groups = self.policy.sample(chats, **params)
+            prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
+            groups = self.policy.sample(chats, prompt_ids=prompts, **params)
         return groups, [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
+
+    def encode_prompts(self, chats: Sequence[Sequence[dict]], max_new_tokens: int,
+                       tools: Sequence[dict] | None = None) -> list[list[int]]:
+        """Each chat's prompt token ids; ContextLengthError for the first whose prompt plus max_new_tokens is
+        past the policy's context window (checked before any model call)."""
+        prompts = [self.policy.encode_chat(chat, tools) for chat in chats]
+        limit = self.policy.context_length
+        for i, ids in enumerate(prompts):
+            if limit is not None and len(ids) + max_new_tokens > limit:
+                raise ContextLengthError(
+                    f"task {i}: its prompt is {len(ids)} tokens (with the system prompt and retrieved facts) and "
+                    f"max_new_tokens is {max_new_tokens}, {len(ids) + max_new_tokens} tokens in all, past the model's "
+                    f"context of {limit}: shorten the chat, or lower max_tokens / sampling.max_new_tokens",
+                    index=i, prompt_tokens=len(ids), limit=limit)
+        return prompts
 
     def retrieve(self, questions: Sequence[str]) -> list[list[Passage]]:
         """The top_k facts for each question (none without a retriever)."""
@@ -203,12 +217,14 @@ class GRPOAgent:
             hits = [self.retriever.search(q, k=self.top_k) for q in questions]
         return [[h.passage for h in hs] for hs in hits]
 
-    def messages(self, question: str, history: Sequence[dict], passages: Sequence[Passage]) -> list[dict]:
+    def messages(self, question: str, history: Sequence[dict], passages: Sequence[Passage],
+                 lessons: bool = True) -> list[dict]:
         """The chat sent to the policy: system prompt (the agent's, then the task's own system turns), earlier
-        turns, then the facts, lessons and the question."""
-        lessons = self.experience.relevant(question) if self.experience is not None else []
+        turns, then the facts, lessons (unless `lessons` is False: finding them is an embedding search) and
+        the question."""
+        found = self.experience.relevant(question) if lessons and self.experience is not None else []
         system = "\n\n".join([self.system] + [m["content"] for m in history if m.get("role") == "system"])
-        chat = answer_messages(question, passages, lessons, system=system)
+        chat = answer_messages(question, passages, found, system=system)
         turns = [{"role": "user", "content": m["content"]} if m.get("role") == "tool" else dict(m)  # few chat
                  for m in history if m.get("role") != "system"]  # templates know a tool role
         return chat[:1] + turns + chat[1:]
@@ -220,11 +236,12 @@ class GRPOAgent:
 
     # ----- following the loop's promotions ------------------------------------------------------------
     def follow(self, run_dir: str | os.PathLike) -> None:
-        """Load the adapter the loop in `run_dir` promotes, now and whenever it promotes a new one."""
-        run = Path(run_dir)
-        if not (run / PROMOTED).is_file() and not (run / "state.json").is_file():
-            raise AgentError(f"{run} is not a loop's run directory (no {PROMOTED} or state.json): give the --run "
-                             "directory of `grpo-agent loop` or `grpo-agent update`")
+        """Load the adapter (or, training-free, the lesson library) the loop in `run_dir` promotes, now and
+        whenever it promotes a new one."""
+        run = RunDir(run_dir)
+        if not run.is_run():
+            raise AgentError(f"{run.path} is not a loop's run directory (no promoted.json or state.json): give the "
+                             "--run directory of `grpo-agent loop` or `grpo-agent update`")
         self._followed = run
         with self._lock:
             self._check_promoted()
@@ -232,23 +249,19 @@ class GRPOAgent:
     def _check_promoted(self) -> None:
         if self._followed is None:
             return
-        pointer = self._followed / PROMOTED
-        if not pointer.is_file():
-            return
         try:
-            promoted = json.loads(pointer.read_text(encoding="utf-8"))
-            version, target = promoted["version"], Path(promoted.get("adapter") or promoted["lessons"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise AgentError(f"{pointer} is malformed ({e!r}): it should hold {{\"version\": ..., \"adapter\": ...}}"
-                             " (or \"lessons\": ... for a training-free run)") from e
-        if version == self._followed_version:
+            promoted = self._followed.read_promoted()
+        except LoopError as e:
+            raise AgentError(str(e)) from e
+        if promoted is None or promoted.version == self._followed_version:
             return
-        target = target if target.is_absolute() else self._followed / target
-        if "adapter" in promoted:
-            self.policy.load_adapter(target, version=version)
+        target = self._followed.promoted_target(promoted)
+        if promoted.kind == "adapter":
+            self.policy.load_adapter(target, version=promoted.version)
         elif self.experience is not None:  # a training-free run promotes a lesson library
             self.experience.load(target)
-            self.policy.version = version
+            self.policy.version = promoted.version
         else:
-            raise AgentError(f"{self._followed} is a training-free run: give the agent an ExperienceLibrary to follow it")
-        self._followed_version = version
+            raise AgentError(f"{self._followed.path} is a training-free run: give the agent an ExperienceLibrary to "
+                             "follow it")
+        self._followed_version = promoted.version

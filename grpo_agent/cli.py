@@ -1,4 +1,9 @@
-"""The grpo-agent command line."""
+"""The grpo-agent command line: one `_add_<command>` (its flags and help) and one `_run_<command>` per
+subcommand, each importing what it needs when it runs, so `grpo-agent --help` is instant.
+
+Longer than most modules (~530 lines) on purpose: it is a flat list of eleven independent commands, each a
+screen long and read on its own; splitting them across files would only add imports.
+"""
 
 from __future__ import annotations
 
@@ -140,10 +145,17 @@ def _config(args: argparse.Namespace):
     )
 
 
+NO_INDEX = ("no fact index is configured (retrieval.index): answers are not grounded in facts and are scored "
+            "on agreement alone. Build one with `grpo-agent ingest FILES --index DIR` and pass --index DIR")
+
+
 def _agent(args: argparse.Namespace, store: str | None):
+    """The config and the agent it wires; says once, on stderr, when no fact index grounds the answers."""
     from .agent import GRPOAgent
 
     cfg = _config(args)
+    if not cfg.retrieval.index:
+        print(f"grpo-agent {args.command}: warning: {NO_INDEX}", file=sys.stderr)
     return cfg, GRPOAgent.from_config(cfg, store_path=store)
 
 
@@ -153,11 +165,11 @@ def _follow(agent, cfg, run: str) -> None:
     import tempfile
     from pathlib import Path
 
-    from .agent import PROMOTED
+    from .rundir import RunDir
     from .store import TrajectoryStore
 
-    pointer = Path(run) / PROMOTED
-    if pointer.is_file() and '"lessons"' in pointer.read_text(encoding="utf-8"):
+    promoted = RunDir(run).read_promoted()
+    if promoted is not None and promoted.kind == "lessons":
         scratch = TrajectoryStore(Path(tempfile.mkdtemp(prefix="grpo-agent-lessons-")) / "lessons.sqlite")
         agent.use_experience(cfg, store=scratch)
     agent.follow(run)
@@ -278,33 +290,30 @@ def _add_update(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_update(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .agent import PROMOTED
-    from .loop import save_adapter, train_with_checkpoints, write_json_atomic
     from .policy import load_policy
+    from .rundir import Promoted, RunDir
     from .store import TrajectoryStore
-    from .updater import GRPOUpdater, latest_checkpoint
+    from .updater import GRPOUpdater, latest_checkpoint, train_with_checkpoints
 
     cfg = _config(args)
     if args.promote and not cfg.update.lora:
         raise GRPOAgentError("--promote serves LoRA adapters; with update.lora = false load the checkpoint's "
                              "model.safetensors yourself")
-    run = Path(args.run)
+    run = RunDir(args.run)
     with TrajectoryStore(args.store) as store:
         groups = store.groups(unconsumed=True)
         if not groups:
             print(f"{args.store}: every logged group has been trained on; collect more first")
             return 0
-        updater = GRPOUpdater(load_policy(cfg.policy), cfg.update, output_dir=run)
-        if updater.resume(run / "checkpoints"):
+        updater = GRPOUpdater(load_policy(cfg.policy), cfg.update, output_dir=run.path)
+        if updater.resume(run.checkpoints):
             print(f"resumed from step {updater.step}")
-        history = train_with_checkpoints(updater, groups, run / "checkpoints")
-        checkpoint = latest_checkpoint(run / "checkpoints") or updater.save_checkpoint(run / "checkpoints")
+        history = train_with_checkpoints(updater, groups, run.checkpoints)
+        checkpoint = latest_checkpoint(run.checkpoints) or updater.save_checkpoint(run.checkpoints)
         version = f"u{updater.step}"
         if args.promote:
-            save_adapter(updater.model, run / "promoted" / version)
-            write_json_atomic(run / PROMOTED, {"version": version, "adapter": f"promoted/{version}"})
+            adapter = updater.save_adapter(run.snapshot(version, "adapter"))
+            run.write_promoted(Promoted(version, "adapter", str(adapter.relative_to(run.path))))
         kls = [m["kl"] for m in history]
         store.record_update(round=0, policy_version=version, group_ids=[g.group_id for g in groups],
                             metrics={"steps": len(history), "kl_last": kls[-1] if kls else None},
@@ -341,17 +350,17 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
 
 def _run_loop(args: argparse.Namespace) -> int:
     import dataclasses
-    from pathlib import Path
 
     from .evaluation import read_tasks
     from .loop import SelfImprovementLoop
+    from .rundir import RunDir
 
     tasks, eval_tasks = read_tasks(args.tasks), read_tasks(args.eval_set)
     unlabelled = next((t for t in eval_tasks if "answer" not in t), None)
     if args.labels and unlabelled is not None:
         raise GRPOAgentError(f"--labels gates on gold answers, but task {unlabelled['id']} of {args.eval_set} has "
                              "no \"answer\"; add answers or drop --labels (the label-free gate)")
-    cfg, agent = _agent(args, str(Path(args.run) / "store.sqlite"))
+    cfg, agent = _agent(args, str(RunDir(args.run).store))
     flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
              "min_gain_z": args.min_gain_z,
              "label_free": False if args.labels else None, "mode": args.mode}
@@ -359,17 +368,16 @@ def _run_loop(args: argparse.Namespace) -> int:
     update = dataclasses.replace(cfg.update, **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
     if loop_cfg.mode == "training-free":
         agent.use_experience(cfg)
-    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg, mode=loop_cfg.mode,
-                               feedback_weight=cfg.scoring.feedback_weight)
+    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg)
     for row in loop.run(args.rounds):
         kl = row["kl"]
         learned = (f"{row['lessons']} lessons ({', '.join(f'{k} {v}' for k, v in sorted(row['library_ops'].items()))})"
                    if "lessons" in row else f"{row['steps']} steps, mean KL {'-' if kl is None else f'{kl:.4f}'}")
         print(f"round {row['round']}: {row['groups']} groups, {learned}, eval {row['eval']['metric']} "
               f"{row['eval']['value']:.4f} -> {'promoted' if row['promoted'] else 'rolled back'} ({row['policy_version']})")
-    if loop.state.get("stopped"):
-        print(f"stopped early: {loop.state['stopped']}")
-    print(f"{args.run}: {loop.state['round']} rounds done; serving {loop.state['promoted_version']}; "
+    if loop.state.stopped:
+        print(f"stopped early: {loop.state.stopped}")
+    print(f"{args.run}: {loop.state.round} rounds done; serving {loop.state.promoted_version}; "
           f"`grpo-agent report --run {args.run}` plots them")
     return 0
 
@@ -388,21 +396,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .evaluation import evaluate, read_tasks
+    from .rundir import write_json_atomic
 
     tasks = read_tasks(args.eval_set)[: args.limit]
     cfg, agent = _agent(args, None)
     if args.run:
         _follow(agent, cfg, args.run)
     result = evaluate(agent, tasks, label_free=args.label_free, k=cfg.loop.eval_k)
-    result.update(set=args.eval_set, policy_version=agent.policy.version)
-    print(f"{args.eval_set}: {result['metric']} {result['value']:.4f} over {result['n']} tasks "
-          f"(policy {result['policy_version']})")
+    result.set, result.policy_version = args.eval_set, agent.policy.version
+    print(f"{args.eval_set}: {result.metric} {result.value:.4f} over {result.n} tasks (policy {result.policy_version})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_json_atomic(args.json, result.to_dict())
     return 0
 
 
@@ -446,14 +451,13 @@ def _add_lessons(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_lessons(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .experience import ExperienceLibrary
+    from .rundir import RunDir
     from .store import TrajectoryStore
 
-    path = Path(args.run) / "store.sqlite"
+    path = RunDir(args.run).store
     if not path.is_file():
-        raise GRPOAgentError(f"{args.run} has no store.sqlite: give the --run directory of `grpo-agent loop`")
+        raise GRPOAgentError(f"{args.run} has no {path.name}: give the --run directory of `grpo-agent loop`")
     with TrajectoryStore(path) as store:
         library = ExperienceLibrary(store, embedder=None)
         if args.export:
@@ -462,7 +466,7 @@ def _run_lessons(args: argparse.Namespace) -> int:
             print(f"loaded {library.load(args.load)} lessons into {path}")
         else:
             for n, lesson in enumerate(library.lessons(), 1):
-                print(f"{n:3}. {lesson['text']}  [{lesson['lesson_id']}, from {len(lesson['origin_groups'])} group(s)]")
+                print(f"{n:3}. {lesson.text}  [{lesson.lesson_id}, from {len(lesson.origin_groups)} group(s)]")
     return 0
 
 
@@ -479,6 +483,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GRPO_AGENT_API_KEY if set)")
     p.add_argument("--batch-wait-ms", type=float, default=50.0, help="wait for more requests to batch (50)")
     p.add_argument("--max-batch", type=int, default=16, help="requests per sampling call (16)")
+    p.add_argument("--shutdown-grace", type=float, default=3.0,
+                   help="seconds the batch in hand may run after SIGTERM before its requests get a 503 (3)")
     p.set_defaults(func=_run_serve)
 
 
@@ -494,7 +500,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"grpo-agent serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     serve(agent, ServerConfig(host=args.host, port=args.port, api_key=key, batch_wait_ms=args.batch_wait_ms,
-                              max_batch=args.max_batch))
+                              max_batch=args.max_batch, shutdown_grace_s=args.shutdown_grace))
     return 0
 
 

@@ -110,7 +110,8 @@ class ScoringConfig:
             raise ConfigError(f"scoring.min_answer_words = {self.min_answer_words!r}: must be an integer >= 1")
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # grpo.py defines each
+IMPORTANCE_LEVELS = ("token", "sequence")  # the importance ratio per token, or per sequence (GSPO)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -140,7 +141,7 @@ class UpdateConfig:
 
     def __post_init__(self) -> None:
         _check_choice("update.loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("update.importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
+        _check_choice("update.importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
         for key in ("beta", "epsilon_low", "epsilon_high", "weight_decay", "max_grad_norm", "lora_dropout"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
@@ -164,6 +165,9 @@ class RetrievalConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"retrieval.top_k = {self.top_k!r}: must be an integer >= 0")
+
+
+LOOP_MODES = ("grpo", "training-free")
 
 
 @dataclass
@@ -201,7 +205,7 @@ class LoopConfig:
         if not isinstance(self.min_gain_z, (int, float)) or not 0 <= self.min_gain_z < math.inf:
             raise ConfigError(f"loop.min_gain_z = {self.min_gain_z!r}: must be a finite number >= 0 (0: no gain "
                               "needed, eval >= promoted eval - margin promotes)")
-        _check_choice("loop.mode", self.mode, ("grpo", "training-free"))
+        _check_choice("loop.mode", self.mode, LOOP_MODES)
         for key in ("max_kl", "min_entropy_ratio", "min_distinct_ratio", "min_length_ratio"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
@@ -244,10 +248,16 @@ class Config:
     experience: ExperienceConfig = field(default_factory=ExperienceConfig)
 
 
+def check_loop_settings(loop: LoopConfig, update: UpdateConfig) -> None:
+    """The checks that combine [loop] with [update], for a run of the self-improvement loop."""
+    if loop.mode == "grpo" and not update.lora:
+        raise ConfigError('loop.mode = "grpo" promotes and rolls back LoRA adapters: set update.lora = true (full '
+                          "fine-tuning runs through `grpo-agent update`)")
+
+
 def config_hash(cfg: Config) -> str:
     """A short hash of what shapes a logged group (policy, sampling, scoring), recorded with each group."""
     import hashlib
-    import json
 
     shaping = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("policy", "sampling", "scoring", "retrieval")}
     return hashlib.sha1(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]

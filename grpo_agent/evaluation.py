@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import GRPOAgentError
-from .scoring.claims import _WORD_NUMBERS
+from .rundir import EvalResult
+from .text import NUMBER_WORDS
 
 
 def normalise(text: str) -> str:
     """Lower-case words with punctuation removed, thousands separators dropped and number words as digits."""
     text = re.sub(r"(?<=\d),(?=\d{3})", "", text.lower())
     words = re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.replace("-", " "))
-    return " ".join(str(_WORD_NUMBERS.get(w, w)) for w in words)
+    return " ".join(str(NUMBER_WORDS.get(w, w)) for w in words)
 
 
 def is_correct(answer: str, gold: str, aliases: Iterable[str] = ()) -> bool:
@@ -78,7 +79,7 @@ def read_tasks(path: str | Path) -> list[dict]:
 
 
 def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4, batch: int = 8,
-             seed: int = 1234, progress: bool = True) -> dict:
+             seed: int = 1234, progress: bool = True) -> EvalResult:
     """Score the agent on held-out tasks.
 
     With gold answers (and label_free False): accuracy of its greedy answer (k=1, temperature 0).
@@ -102,12 +103,11 @@ def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4,
             for scored in agent.scorer.score_groups(groups, contexts):
                 values.append(sum(scored.composite) / len(scored.composite))
             sampled += groups
-    result = {"metric": "accuracy" if labelled else "composite", "value": sum(values) / max(len(values), 1),
-              "n": len(values), "values": values}
+    watched = {}
     if sampled:  # the evaluated policy's own samples: what the collapse guards watch
-        result["monitors"] = {k: v for k, v in monitors(sampled).items() if k in ("entropy", "distinct_rate",
-                                                                                 "answer_tokens")}
-    return result
+        watched = {k: v for k, v in monitors(sampled).items() if k in ("entropy", "distinct_rate", "answer_tokens")}
+    return EvalResult(metric="accuracy" if labelled else "composite", value=sum(values) / max(len(values), 1),
+                      n=len(values), values=values, monitors=watched or None)
 
 
 def monitors(groups) -> dict:

@@ -26,14 +26,15 @@ import json
 import re
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .errors import ExperienceError, GRPOAgentError
-from .records import Group
+from .records import Group, Lesson
+from .rundir import replacing
 from .scoring import GroupScores, ScoreContext
 
 LESSON_SYSTEM = (
@@ -99,31 +100,31 @@ class ExperienceLibrary:
         self._index = None  # (lesson ids, faiss index), rebuilt after every change
 
     # ----- reading -----------------------------------------------------------------------------------------
-    def lessons(self) -> list[dict]:
+    def lessons(self) -> list[Lesson]:
         return self.store.lessons()
 
     def relevant(self, question: str, m: int | None = None) -> list[str]:
         """The texts of the m lessons most similar to the question (what goes into the prompt)."""
         hits = self._search(question, m or self.top_m)
-        return [lesson["text"] for lesson, _ in hits]
+        return [lesson.text for lesson, _ in hits]
 
-    def _search(self, text: str, m: int) -> list[tuple[dict, float]]:
+    def _search(self, text: str, m: int) -> list[tuple[Lesson, float]]:
         lessons = self.store.lessons()
         if not lessons or m < 1:
             return []
         ids, index = self._ensure_index(lessons)
         query = self.embedder.encode([text])
         scores, rows = index.search(query, min(m, len(ids)))
-        by_id = {x["lesson_id"]: x for x in lessons}
+        by_id = {x.lesson_id: x for x in lessons}
         return [(by_id[ids[r]], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
 
-    def _ensure_index(self, lessons: list[dict]):
+    def _ensure_index(self, lessons: list[Lesson]):
         import faiss
 
-        ids = [x["lesson_id"] for x in lessons]
-        key = [(x["lesson_id"], x["text"]) for x in lessons]
+        ids = [x.lesson_id for x in lessons]
+        key = [(x.lesson_id, x.text) for x in lessons]
         if self._index is None or self._index[0] != key:
-            vectors = self.embedder.encode([x["text"] for x in lessons]).astype(np.float32)
+            vectors = self.embedder.encode([x.text for x in lessons]).astype(np.float32)
             index = faiss.IndexFlatIP(vectors.shape[1])  # embeddings are normalised: inner product = cosine
             index.add(vectors)
             self._index = (key, index)
@@ -131,14 +132,14 @@ class ExperienceLibrary:
 
     # ----- learning ----------------------------------------------------------------------------------------
     def messages(self, group: Group, context: ScoreContext, scored: GroupScores,
-                 shown: list[dict]) -> list[dict]:
+                 shown: list[Lesson]) -> list[dict]:
         """The chat asking the model for one library operation on a scored group."""
         best, worst = scored.ranking[0], scored.ranking[-1]
 
         def why(i: int) -> str:
             return "; ".join(f"{name}: {reasons[i]}" for name, reasons in scored.explanations.items()) or "-"
 
-        listing = "\n".join(f"{n}. {x['text']}" for n, x in enumerate(shown, 1)) or "(none yet)"
+        listing = "\n".join(f"{n}. {x.text}" for n, x in enumerate(shown, 1)) or "(none yet)"
         prompt = LESSON_PROMPT.format(
             question=context.question, best=group.completions[best].text[:600], best_why=why(best)[:400],
             best_score=scored.composite[best], worst=group.completions[worst].text[:600],
@@ -170,7 +171,7 @@ class ExperienceLibrary:
                 ops[i] = op
         return ops
 
-    def _constrained(self, chats: list[list[dict]], shown: list[list[dict]]) -> list[str]:
+    def _constrained(self, chats: list[list[dict]], shown: list[list[Lesson]]) -> list[str]:
         """Operation lines for a model too small to follow the format: the operation is the model's most
         probable first word among ADD, MODIFY, DELETE and KEEP (MODIFY and DELETE only when lessons were
         shown), read from its next-token distribution; then the model writes the rest after that word."""
@@ -194,7 +195,7 @@ class ExperienceLibrary:
                 texts[i] = f"{prefix} {rest[0]}" if rest else prefix
         return texts
 
-    def apply(self, op: Operation, shown: list[dict], group_id: str) -> bool:
+    def apply(self, op: Operation, shown: list[Lesson], group_id: str) -> bool:
         """Apply a parsed operation against the lessons that were shown; False (counted) when it does not check out."""
         if op.kind in ("modify", "delete") and not 1 <= (op.index or 0) <= len(shown):
             self.stats["malformed"] += 1
@@ -202,11 +203,11 @@ class ExperienceLibrary:
         if op.kind == "keep":
             self.stats["keep"] += 1
         elif op.kind == "delete":
-            self.store.delete_lesson(shown[op.index - 1]["lesson_id"])
+            self.store.delete_lesson(shown[op.index - 1].lesson_id)
             self.stats["delete"] += 1
         elif op.kind == "modify":
             target = shown[op.index - 1]
-            self.store.put_lesson(target["lesson_id"], op.text, [*target["origin_groups"], group_id])
+            self.store.put_lesson(target.lesson_id, op.text, [*target.origin_groups, group_id])
             self.stats["modify"] += 1
         else:  # add
             near = self._search(op.text, 1)
@@ -222,24 +223,25 @@ class ExperienceLibrary:
         """Keep at most max_lessons: drop the lessons learned from the fewest groups, oldest first."""
         lessons = self.store.lessons()
         extra = len(lessons) - self.max_lessons
-        for lesson in sorted(lessons, key=lambda x: (len(x["origin_groups"]), x["updated"]))[: max(extra, 0)]:
-            self.store.delete_lesson(lesson["lesson_id"])
+        for lesson in sorted(lessons, key=lambda x: (len(x.origin_groups), x.updated))[: max(extra, 0)]:
+            self.store.delete_lesson(lesson.lesson_id)
             self.stats["evicted"] += 1
 
     # ----- files -------------------------------------------------------------------------------------------
     def export(self, path: str | Path) -> Path:
-        """Write the library as JSON (.json) or Markdown (.md), both editable and loadable with `load`."""
+        """Write the library as JSON (.json) or Markdown (.md), both editable and loadable with `load`; the file
+        is replaced whole."""
         path = Path(path)
         lessons = self.store.lessons()
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".md":
             lines = ["# Lessons", "", "One lesson per bullet; edit freely and load back with "
                      "`grpo-agent lessons load`.", ""]
-            lines += [f"- {x['text']} <!-- {x['lesson_id']} from {len(x['origin_groups'])} group(s) -->"
-                      for x in lessons]
-            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            lines += [f"- {x.text} <!-- {x.lesson_id} from {len(x.origin_groups)} group(s) -->" for x in lessons]
+            text = "\n".join(lines) + "\n"
         else:
-            path.write_text(json.dumps({"lessons": lessons}, indent=1) + "\n", encoding="utf-8")
+            text = json.dumps({"lessons": [asdict(x) for x in lessons]}, indent=1) + "\n"
+        with replacing(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return path
 
     def load(self, path: str | Path) -> int:
@@ -254,16 +256,16 @@ class ExperienceLibrary:
                 if not line.startswith("- "):
                     continue
                 m = re.match(r"- (.*?)\s*(?:<!-- (\w+) from \d+ group\(s\) -->)?\s*$", line)
-                lessons.append({"lesson_id": (m.group(2) if m and m.group(2) else uuid.uuid4().hex[:12]),
-                                "text": m.group(1) if m else line[2:].strip(), "origin_groups": []})
+                lessons.append(Lesson(m.group(2) if m and m.group(2) else uuid.uuid4().hex[:12],
+                                      m.group(1) if m else line[2:].strip()))
         else:
             try:
                 lessons = json.loads(text)["lessons"]
-                lessons = [{"lesson_id": str(x.get("lesson_id") or uuid.uuid4().hex[:12]), "text": str(x["text"]),
-                            "origin_groups": list(x.get("origin_groups", []))} for x in lessons]
+                lessons = [Lesson(str(x.get("lesson_id") or uuid.uuid4().hex[:12]), str(x["text"]),
+                                  list(x.get("origin_groups", []))) for x in lessons]
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ExperienceError(f"{path} is not a lesson file ({e!r}): expected {{\"lessons\": [{{\"text\": ...}}]}}") from e
-        empty = [x for x in lessons if not x["text"].strip()]
+        empty = [x for x in lessons if not x.text.strip()]
         if empty:
             raise ExperienceError(f"{path}: {len(empty)} lesson(s) have no text; remove them or write the lesson")
         self.store.replace_lessons(lessons)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_LEVELS = ("token", "sequence")
+from .config import IMPORTANCE_LEVELS, LOSS_TYPES
 
 
 def completion_logprobs(

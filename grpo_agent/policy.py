@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from .config import PolicyConfig
 from .errors import ModelLoadError
 from .hub import no_progress_bars, packaged_path
 from .records import Completion, Group
+from .rundir import replacing
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,9 @@ def convert_bundled(cache_dir: str | os.PathLike | None = None) -> Path:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished the same conversion first: keep theirs
-        if not (out / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(out, keep_existing=True) as tmp:  # another process that finished first keeps its copy
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     log.warning("converted in %.0f s", time.perf_counter() - t0)
     return out
 
@@ -170,6 +162,13 @@ class Policy:
         """Whether the model's chat template renders a `tools` list (native tool calling)."""
         return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
 
+    @property
+    def context_length(self) -> int | None:
+        """The model's context window in tokens (its config's max_position_embeddings); None when it names none."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
+        return getattr(config, "max_position_embeddings", None)
+
     def encode_chat(self, messages: Messages, tools: Sequence[dict] | None = None) -> list[int]:
         """Token ids of a chat with the generation prompt appended (the model's own chat template, given the
         OpenAI-format `tools` when it renders them)."""
@@ -246,6 +245,7 @@ class Policy:
         stop_token_ids: Sequence[int] | None = None,
         prefix: str = "",
         tools: Sequence[dict] | None = None,
+        prompt_ids: Sequence[list[int]] | None = None,
     ) -> list[Group]:
         """Sample K completions for every chat in one batched, KV-cached decode; one Group per chat.
 
@@ -255,6 +255,7 @@ class Policy:
         `tools` (OpenAI format) go to the chat template, for models whose template renders them.
         `prefix` forces the start of every answer: its tokens are appended to the prompt (and so belong to
         each group's prompt_token_ids), and the completions continue from it.
+        `prompt_ids`: the chats already encoded (encode_chat(m, tools), one per chat), so they are not encoded again.
         """
         if k < 1 or max_new_tokens < 1:
             raise ValueError(f"k = {k} and max_new_tokens = {max_new_tokens} must both be >= 1")
@@ -263,7 +264,10 @@ class Policy:
         from transformers import DynamicCache
 
         start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        prompts = [self.encode_chat(m, tools) + start for m in messages_batch]  # `prefix`: the answer's forced start
+        if prompt_ids is not None and len(prompt_ids) != len(messages_batch):
+            raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(messages_batch)} chats: give one per chat")
+        encoded = prompt_ids if prompt_ids is not None else [self.encode_chat(m, tools) for m in messages_batch]
+        prompts = [list(p) + start for p in encoded]  # `prefix`: the answer's forced start
         if not prompts:
             return []
         device, model = self.device, self.model

@@ -33,7 +33,8 @@ class Group:
     temperature: float = 1.0  # the temperature the log-probs were taken at
     zero_variance: bool = False  # scores did not vary within the group: no signal, the updater skips it
     group_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    info: GroupInfo | None = None  # what the store logged beside the group (None until read back from a store)
+    # what the store logged beside the group (None until read back from a store); not part of its identity
+    info: GroupInfo | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -57,6 +58,33 @@ class Feedback:
     rating: float  # in [0, 1]
     text: str = ""
     created: float = 0.0  # time.time() when reported
+
+
+@dataclass
+class UpdateRecord:
+    """One policy update as the store records it, with the groups it consumed."""
+
+    id: int
+    created: float  # time.time() when recorded
+    round: int  # the loop's round (0 for `grpo-agent update`)
+    policy_version: str  # the version served after it
+    group_ids: list[str]  # the groups it trained on
+    metrics: dict  # the round's update and monitors in a few numbers
+    eval: dict | None  # the eval that gated it (rundir.EvalResult.to_dict()), if any
+    promoted: bool
+    reason: str  # why it was promoted or rolled back
+    checkpoint: str  # where its weights (or lessons) were saved
+
+
+@dataclass
+class Lesson:
+    """A lesson of the training-free mode's library."""
+
+    lesson_id: str
+    text: str
+    origin_groups: list[str] = field(default_factory=list)  # the groups it was learned or revised from
+    created: float = 0.0  # time.time()
+    updated: float = 0.0
 
 
 @dataclass

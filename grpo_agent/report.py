@@ -7,11 +7,10 @@ Reads rounds.jsonl (one line per round, round 0 the baseline) and metrics.jsonl 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import GRPOAgentError
-from .loop import BASE, read_jsonl  # the run directory's JSON-lines files, as the loop writes them
+from .rundir import BASE, RunDir
 
 
 MONITORS = [("entropy", "entropy of sampled tokens (nats)"), ("distinct_rate", "distinct answers per group"),
@@ -31,12 +30,12 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    run_dir = Path(run_dir)
-    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    run = RunDir(run_dir)
+    rounds = run.rounds()
     if not rounds:
-        raise GRPOAgentError(f"{run_dir} holds no rounds.jsonl: run `grpo-agent loop --run {run_dir}` first")
-    steps = read_jsonl(run_dir / "metrics.jsonl")
-    out = run_dir / "report"
+        raise GRPOAgentError(f"{run.path} holds no rounds.jsonl: run `grpo-agent loop --run {run.path}` first")
+    steps = run.steps()
+    out = run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     done = [r for r in rounds if r["round"] > 0]
     xs = [r["round"] for r in rounds]
@@ -84,7 +83,7 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     fig.savefig(out / "monitors.png", dpi=110)
     plt.close(fig)
 
-    lines = [f"# Self-improvement run: {run_dir}", ""]
+    lines = [f"# Self-improvement run: {run.path}", ""]
     if extra:
         lines += ["| evaluation | metric | value | n |", "|---|---|---|---|"]
         lines += [f"| {name} | {e['metric']} | {_fmt(e['value'])} | {e['n']} |" for name, e in extra.items()]
@@ -117,8 +116,8 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
     if done:  # why each round was kept or rolled back, in the gate's own words
         lines += ["", "Gate decisions:", ""] + [f"- round {r['round']}: {r['reason']}" for r in done if r.get("reason")]
     fired = [r for r in done if r.get("guards")]
-    state = run_dir / "state.json"
-    stopped = json.loads(state.read_text(encoding="utf-8")).get("stopped") if state.is_file() else None
+    state = run.read_state()
+    stopped = state.stopped if state else None
     references = [r.get("reference", BASE) for r in done]
     resets = [r for r, ref, before in zip(done, references, [BASE] + references) if ref != before]
     if fired or stopped or resets:

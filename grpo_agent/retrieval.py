@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import RetrievalError
+from .rundir import replacing
 from .hub import no_progress_bars, packaged_path
 from .records import Hit, Passage
 
@@ -314,9 +315,8 @@ class FactIndex:
             "documents": self.documents,
         }
         old = _read_manifest(directory) if (directory / "manifest.json").is_file() else None
-        tmp = directory / f".manifest-{tag}.json"
-        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, directory / "manifest.json")  # the atomic switch to the new files
+        with replacing(directory / "manifest.json") as tmp:  # the atomic switch to the new files
+            tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if old:
             for entry in old.get("files", {}).values():
                 if entry.get("name") not in (index_file, passages_file):

@@ -10,6 +10,10 @@ strict JSON instead, with null for every non-finite float, so any JSON reader ac
 The schema is MIGRATIONS: entry v-1 holds the SQL statements that bring a store to version v. Opening a
 store at version v runs versions v+1..latest, each in one transaction, and records the version in `meta`.
 A store written by a newer grpo-agent is refused rather than guessed at.
+
+Reads return typed records (records.py: Group with its GroupInfo, Feedback, UpdateRecord, Lesson), never dicts.
+This module is longer than most (~600 lines) on purpose: it is the only code that speaks SQL, so the schema,
+the writes and the queries that depend on it are read and changed together.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from .errors import StoreError, UnknownGroupError
-from .records import Completion, Group
+from .records import Completion, Feedback, Group, GroupInfo, Lesson, UpdateRecord
+from .rundir import replacing
 
 T = TypeVar("T")
 
@@ -265,11 +269,35 @@ class TrajectoryStore:
 
         return self._transaction(write)
 
-    def feedback(self, group_id: str) -> list[dict]:
-        """The ratings reported for a group, oldest first: {index, rating, text, created}."""
-        rows = self._conn.execute("SELECT idx, rating, text, created FROM feedback WHERE group_id = ? ORDER BY id",
-                                  (group_id,)).fetchall()
-        return [{"index": r["idx"], "rating": r["rating"], "text": r["text"], "created": r["created"]} for r in rows]
+    def feedback(self, group_id: str) -> list[Feedback]:
+        """The ratings reported for a group, oldest first."""
+        return self.feedback_for([group_id]).get(group_id, [])
+
+    def feedback_for(self, group_ids: Sequence[str]) -> dict[str, list[Feedback]]:
+        """The ratings reported for each of these groups (one query), oldest first; unrated groups are absent."""
+        rows = self._conn.execute(
+            "SELECT group_id, idx, rating, text, created FROM feedback WHERE group_id IN (SELECT value FROM "
+            "json_each(?)) ORDER BY id", (json.dumps(_id_list(group_ids, "group_ids")),))
+        found: dict[str, list[Feedback]] = {}
+        for r in rows:
+            found.setdefault(r["group_id"], []).append(Feedback(r["idx"], r["rating"], r["text"], r["created"]))
+        return found
+
+    def record_scores(self, groups: Sequence[Group]) -> None:
+        """Write back logged groups' composites, advantages and zero-variance flags (after re-scoring, e.g. with
+        clients' ratings), so the store keeps what an update trains on; one transaction."""
+        completion_rows = [(_real(c.composite), _real(c.advantage), g.group_id, i)
+                           for g in groups for i, c in enumerate(g.completions)]
+        group_rows = [(int(bool(g.zero_variance)), g.group_id) for g in groups]
+
+        def write(conn: sqlite3.Connection) -> None:
+            for g in groups:
+                self._require_group(conn, g.group_id)
+            conn.executemany("UPDATE completions SET composite = ?, advantage = ? WHERE group_id = ? AND idx = ?",
+                             completion_rows)
+            conn.executemany("UPDATE groups SET zero_variance = ? WHERE group_id = ?", group_rows)
+
+        self._transaction(write)
 
     def put_lesson(self, lesson_id: str, text: str, origin_groups: Sequence[str]) -> None:
         """Add a lesson, or replace the text and origins of the one with this id."""
@@ -287,15 +315,18 @@ class TrajectoryStore:
         """Remove a lesson (no error when it is already gone)."""
         self._transaction(lambda conn: conn.execute("DELETE FROM lessons WHERE lesson_id = ?", (lesson_id,)))
 
-    def lessons(self) -> list[dict]:
-        """Every lesson (lesson_id, text, origin_groups, created, updated), oldest first."""
+    def lessons(self) -> list[Lesson]:
+        """Every lesson, oldest first."""
         rows = self._conn.execute("SELECT * FROM lessons ORDER BY created, lesson_id").fetchall()
-        return [{**dict(r), "origin_groups": json.loads(r["origin_groups"])} for r in rows]
+        return [Lesson(r["lesson_id"], r["text"], json.loads(r["origin_groups"]), r["created"], r["updated"])
+                for r in rows]
 
-    def replace_lessons(self, lessons: Sequence[dict]) -> None:
-        """Make the library exactly `lessons` (dicts as `lessons()` returns them), in one transaction."""
-        rows = [(x["lesson_id"], x["text"], _dumps(list(x.get("origin_groups", [])), "origin_groups"),
-                 float(x.get("created", time.time())), float(x.get("updated", time.time()))) for x in lessons]
+    def replace_lessons(self, lessons: Sequence[Lesson]) -> None:
+        """Make the library exactly `lessons`, in one transaction. A lesson without times gets now, a microsecond
+        apart in the given order, which `lessons()` keeps."""
+        now = time.time()
+        rows = [(x.lesson_id, x.text, _dumps(list(x.origin_groups), "origin_groups"),
+                 float(x.created or now + i * 1e-6), float(x.updated or now + i * 1e-6)) for i, x in enumerate(lessons)]
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM lessons")
@@ -306,19 +337,23 @@ class TrajectoryStore:
     # ----- reading ---------------------------------------------------------------------------------------
 
     def get_group(self, group_id: str) -> Group:
-        """The logged group, exactly as it was logged."""
-        return self._one(group_id)[0]
+        """The logged group, exactly as it was logged, with its info."""
+        found = self._select([group_id], None, None, False, None, None)
+        if not found:
+            raise UnknownGroupError(f"no group {group_id!r} in {self.path}; ids come from log_group or groups()")
+        return found[0]
 
-    def group_info(self, group_id: str) -> dict:
+    def group_info(self, group_id: str) -> GroupInfo:
         """What was logged beside a group: prompt, passage_ids, config_hash, task_id, source, meta, created."""
-        return self._one(group_id)[1]
+        return self.get_group(group_id).info
 
     def groups(
         self, *, ids: Sequence[str] | None = None, since: float | None = None, policy_version: str | None = None,
         unconsumed: bool = False, source: str | None = None, limit: int | None = None,
     ) -> list[Group]:
-        """The groups matching every given filter, in logging order; `unconsumed`: no update trained on them."""
-        return [g for g, _ in self._select(ids, since, policy_version, unconsumed, source, limit)]
+        """The groups matching every given filter, in logging order, each with its info; `unconsumed`: no update
+        trained on them."""
+        return self._select(ids, since, policy_version, unconsumed, source, limit)
 
     def count_groups(
         self, *, ids: Sequence[str] | None = None, since: float | None = None, policy_version: str | None = None,
@@ -335,18 +370,18 @@ class TrajectoryStore:
         rows = self._conn.execute("SELECT step FROM steps WHERE group_id = ? ORDER BY id", (group_id,))
         return [json.loads(r["step"]) for r in rows]
 
-    def updates(self) -> list[dict]:
+    def updates(self) -> list[UpdateRecord]:
         """Every recorded update, oldest first, with the ids of the groups it consumed."""
         consumed: dict[int, list[str]] = {}
         for r in self._conn.execute("SELECT update_id, group_id FROM update_groups ORDER BY rowid"):
             consumed.setdefault(r["update_id"], []).append(r["group_id"])
         return [
-            {
-                "id": r["id"], "created": r["created"], "round": r["round"], "policy_version": r["policy_version"],
-                "group_ids": consumed.get(r["id"], []), "metrics": json.loads(r["metrics"]),
-                "eval": None if r["eval"] is None else json.loads(r["eval"]), "promoted": bool(r["promoted"]),
-                "reason": r["reason"], "checkpoint": r["checkpoint"],
-            }
+            UpdateRecord(
+                id=r["id"], created=r["created"], round=r["round"], policy_version=r["policy_version"],
+                group_ids=consumed.get(r["id"], []), metrics=json.loads(r["metrics"]),
+                eval=None if r["eval"] is None else json.loads(r["eval"]), promoted=bool(r["promoted"]),
+                reason=r["reason"], checkpoint=r["checkpoint"],
+            )
             for r in self._conn.execute("SELECT * FROM updates ORDER BY id")
         ]
 
@@ -360,9 +395,9 @@ class TrajectoryStore:
         """Write the matching groups as JSON lines, one group with its info and completions a line; returns how
         many. Takes the filters of `groups()`; NaN and infinite floats are written as null."""
         selected = self._select(**_filter_args(filters))
-        with _replacing(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for group, info in selected:
-                record = _finite({**asdict(group), **info})
+        with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for group in selected:
+                record = _finite({**{k: v for k, v in asdict(group).items() if k != "info"}, **asdict(group.info)})
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         return len(selected)
 
@@ -386,16 +421,16 @@ class TrajectoryStore:
         selected = self._select(**_filter_args(filters))
         rows = [
             {
-                "group_id": g.group_id, "idx": i, "created": info["created"], "policy_version": g.policy_version,
-                "temperature": g.temperature, "zero_variance": g.zero_variance, "prompt": info["prompt"],
-                "passage_ids": info["passage_ids"], "config_hash": info["config_hash"], "task_id": info["task_id"],
-                "source": info["source"], "meta": json.dumps(info["meta"]), "messages": json.dumps(g.messages),
+                "group_id": g.group_id, "idx": i, "created": g.info.created, "policy_version": g.policy_version,
+                "temperature": g.temperature, "zero_variance": g.zero_variance, "prompt": g.info.prompt,
+                "passage_ids": g.info.passage_ids, "config_hash": g.info.config_hash, "task_id": g.info.task_id,
+                "source": g.info.source, "meta": json.dumps(g.info.meta), "messages": json.dumps(g.messages),
                 "prompt_token_ids": g.prompt_token_ids, **asdict(c),
             }
-            for g, info in selected
+            for g in selected
             for i, c in enumerate(g.completions)
         ]
-        with _replacing(Path(path)) as tmp:
+        with replacing(path) as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
         return len(selected)
 
@@ -476,17 +511,11 @@ class TrajectoryStore:
         if not _group_exists(conn, group_id):
             raise UnknownGroupError(f"no group {group_id!r} in {self.path}; log it with log_group first")
 
-    def _one(self, group_id: str) -> tuple[Group, dict]:
-        found = self._select([group_id], None, None, False, None, None)
-        if not found:
-            raise UnknownGroupError(f"no group {group_id!r} in {self.path}; ids come from log_group or groups()")
-        return found[0]
-
     def _select(
         self, ids: Sequence[str] | None = None, since: float | None = None, policy_version: str | None = None,
         unconsumed: bool = False, source: str | None = None, limit: int | None = None,
-    ) -> list[tuple[Group, dict]]:
-        """(group, info) for the groups matching the filters, in logging order."""
+    ) -> list[Group]:
+        """The groups matching the filters, each with its info, in logging order."""
         where, params = _where(ids, since, policy_version, unconsumed, source)
         sql = f"SELECT * FROM groups{where} ORDER BY created, rowid{_limit(limit, params)}"
         rows = self._conn.execute(sql, params).fetchall()
@@ -501,17 +530,13 @@ class TrajectoryStore:
                 advantage=c["advantage"],
             ))
         return [
-            (
-                Group(
-                    messages=json.loads(r["messages"]), prompt_token_ids=json.loads(r["prompt_token_ids"]),
-                    completions=completions[r["group_id"]], policy_version=r["policy_version"],
-                    temperature=r["temperature"], zero_variance=bool(r["zero_variance"]), group_id=r["group_id"],
-                ),
-                {
-                    "prompt": r["prompt"], "passage_ids": json.loads(r["passage_ids"]),
-                    "config_hash": r["config_hash"], "task_id": r["task_id"], "source": r["source"],
-                    "meta": json.loads(r["meta"]), "created": r["created"],
-                },
+            Group(
+                messages=json.loads(r["messages"]), prompt_token_ids=json.loads(r["prompt_token_ids"]),
+                completions=completions[r["group_id"]], policy_version=r["policy_version"],
+                temperature=r["temperature"], zero_variance=bool(r["zero_variance"]), group_id=r["group_id"],
+                info=GroupInfo(prompt=r["prompt"], passage_ids=json.loads(r["passage_ids"]),
+                               config_hash=r["config_hash"], task_id=r["task_id"], source=r["source"],
+                               meta=json.loads(r["meta"]), created=r["created"]),
             )
             for r in rows
         ]
@@ -594,16 +619,3 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it once the block succeeds: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -30,6 +30,7 @@ from .config import UpdateConfig
 from .errors import UpdateError
 from .grpo import completion_logprobs, grpo_loss
 from .records import Group
+from .rundir import RunDir, append_jsonl, replacing
 
 
 
@@ -299,9 +300,7 @@ class GRPOUpdater:
         """Append the step's metrics to output_dir/metrics.jsonl, and to TensorBoard when it is installed."""
         if self.output_dir is None or self.rank != 0:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_jsonl(RunDir(self.output_dir).metrics_file, metrics)
         if self._tensorboard is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -316,6 +315,15 @@ class GRPOUpdater:
             self._tensorboard.flush()
 
     # ----- checkpoints ---------------------------------------------------------------------------------
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """Write the trained LoRA adapter (what an agent serves) to `directory`, replacing it atomically."""
+        if not self.cfg.lora:
+            raise UpdateError("save_adapter writes a LoRA adapter; with update.lora = false save_checkpoint writes "
+                              "the full weights")
+        with replacing(directory) as tmp:
+            self.model.save_pretrained(tmp)
+        return Path(directory)
+
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
         """Write checkpoint-<step> atomically (temporary directory, then rename); keep the two newest."""
         from safetensors.torch import save_file, save_model
@@ -325,24 +333,19 @@ class GRPOUpdater:
             raise UpdateError("no directory for checkpoints: pass output_dir to GRPOUpdater or a directory here")
         if self.rank != 0:
             return root / f"checkpoint-{self.step:06d}"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"checkpoint-{self.step:06d}"
-        tmp = root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        if self.cfg.lora:
-            self.model.save_pretrained(tmp / "adapter")  # adapter_model.safetensors + adapter_config.json
-        else:
-            save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        tensors, layout = _optimizer_to_tensors(self.optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state = {"step": self.step, "consumed": self.consumed, "optimizer": layout, "config": asdict(self.cfg)}
-        (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
-        aside = root / f".{final.name}.old-{os.getpid()}"
-        if final.exists():  # re-saving a step: keep a complete copy under the name until the new one is in place
-            final.rename(aside)
-        tmp.rename(final)
-        _remove_checkpoint(aside)
+        # Re-saving a step sets the complete old copy aside until the new one has its name (latest_checkpoint
+        # finds a copy set aside when a kill came in between).
+        with replacing(final) as tmp:
+            tmp.mkdir()
+            if self.cfg.lora:
+                self.model.save_pretrained(tmp / "adapter")  # adapter_model.safetensors + adapter_config.json
+            else:
+                save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
+            tensors, layout = _optimizer_to_tensors(self.optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            state = {"step": self.step, "consumed": self.consumed, "optimizer": layout, "config": asdict(self.cfg)}
+            (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
         for old in sorted(root.glob("checkpoint-*"))[:-2]:
             _remove_checkpoint(old)
         return final
@@ -406,3 +409,23 @@ def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str,
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
+
+
+def train_with_checkpoints(updater: GRPOUpdater, groups: Sequence[Group], directory: Path, every: int = 1,
+                           desc: str = "update", progress: bool = True) -> list[dict]:
+    """updater.train with a progress bar, a checkpoint every `every` steps and one after the last step."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=desc, unit="step", disable=not progress, leave=False)
+
+    def on_step(m: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.4f}")
+        if updater.step % every == 0:
+            updater.save_checkpoint(directory)
+
+    history = updater.train(groups, on_step=on_step)
+    bar.close()
+    if history and updater.step % every:
+        updater.save_checkpoint(directory)
+    return history

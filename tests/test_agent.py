@@ -4,7 +4,7 @@ import pytest
 import torch
 from agent_fixtures import FACTS, make_agent
 
-from grpo_agent.agent import PROMOTED, AgentError, GRPOAgent, split_task
+from grpo_agent.agent import AgentError, GRPOAgent, split_task
 from grpo_agent.config import UpdateConfig
 from grpo_agent.policy import load_policy
 from grpo_agent.updater import GRPOUpdater
@@ -27,8 +27,8 @@ def test_respond_serves_the_best_scored_answer_and_logs_the_group(policy, embedd
     logged = agent.store.get_group(reply.group_id)
     assert [c.text for c in logged.completions] == [c.text for c in reply.candidates]
     assert [c.advantage for c in logged.completions] == [c.advantage for c in reply.candidates]
-    info = agent.store.group_info(reply.group_id)
-    assert info["task_id"] == "q1" and info["passage_ids"][0] == "p1"
+    assert logged.info.task_id == "q1" and logged.info.passage_ids[0] == "p1"
+    assert agent.store.group_info(reply.group_id) == logged.info
 
 
 def test_k1_serves_without_scoring_or_logging(policy, embedder, tmp_path):
@@ -68,7 +68,7 @@ def test_follow_loads_each_promoted_adapter_without_a_restart(policy, embedder, 
     updater.train(groups)
     run = tmp_path / "run"
     updater.model.save_pretrained(run / "promoted" / "r1")
-    (run / PROMOTED).write_text(json.dumps({"version": "r1", "adapter": "promoted/r1"}))
+    (run / "promoted.json").write_text(json.dumps({"version": "r1", "adapter": "promoted/r1"}))
 
     agent = make_agent(policy, embedder, tmp_path / "store.sqlite")
     ids = torch.tensor([groups[0].prompt_token_ids])
@@ -87,7 +87,7 @@ def test_follow_loads_each_promoted_adapter_without_a_restart(policy, embedder, 
         c.advantage = 1.0 if i == 1 else -1.0 / 3
     assert len(updater.train(more)) == 1
     updater.model.save_pretrained(run / "promoted" / "r2")
-    (run / PROMOTED).write_text(json.dumps({"version": "r2", "adapter": "promoted/r2"}))
+    (run / "promoted.json").write_text(json.dumps({"version": "r2", "adapter": "promoted/r2"}))
     agent.respond("Is the tiger endangered?", k=1)
     assert policy.version == "r2"
     assert torch.allclose(policy.model(ids).logits, trainer.model(ids).logits, atol=1e-5)
@@ -98,6 +98,35 @@ def test_follow_names_a_wrong_run_directory(policy, embedder, tmp_path):
     with pytest.raises(AgentError, match="not a loop's run directory"):
         agent.follow(tmp_path / "typo")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / PROMOTED).write_text("{not json")
+    (tmp_path / "run" / "promoted.json").write_text("{not json")
     with pytest.raises(AgentError, match="malformed"):
         agent.follow(tmp_path / "run")
+
+
+def test_a_prompt_past_the_context_is_refused_before_any_forward_pass(policy, embedder, tmp_path):
+    from grpo_agent.errors import ContextLengthError
+
+    agent = make_agent(policy, embedder, tmp_path / "store.sqlite", max_new_tokens=12)
+    assert policy.context_length == 512  # the tiny model's max_position_embeddings
+    calls = []
+    forward = policy.model.forward
+    policy.model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    long = "Tigers, elephants and rhinos are poached for skins, ivory and horn. " * 40
+    try:
+        with pytest.raises(ContextLengthError, match="task 0: its prompt is .* tokens .* past the model's context "
+                                                     "of 512: shorten the chat, or lower max_tokens") as e:
+            agent.respond(long)
+        assert e.value.index == 0 and e.value.limit == 512 and e.value.prompt_tokens > 500
+        with pytest.raises(ContextLengthError, match="task 1") as e:
+            agent.respond_batch(["Why protect tigers?", long])
+        assert e.value.index == 1
+        with pytest.raises(ContextLengthError, match="task 0"):
+            agent.sample_groups([long])
+        # A short question is refused once max_new_tokens takes its prompt (with the facts) one past the context.
+        q = "Why protect tigers?"
+        n = len(policy.encode_chat(agent.messages(q, [], agent.retrieve([q])[0])))
+        with pytest.raises(ContextLengthError, match=f"max_new_tokens is {513 - n}, 513 tokens in all"):
+            agent.respond(q, max_new_tokens=513 - n)
+        assert calls == [] and agent.store.count_groups() == 0  # refused before any model call, nothing logged
+    finally:
+        del policy.model.forward

@@ -85,7 +85,8 @@ def test_the_agent_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
 
     assert main(["ingest", str(facts), "--index", index, "--quiet"]) == 0
     assert main(["ask", "What is the status of the snow leopard?", *agent, "--store", store]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "no fact index" not in err
     assert "composite" in out and "grounding" in out and out.count("\n* ") == 1  # one row marked as served
     assert main(["collect", "--tasks", str(tasks), "--store", store, *agent]) == 0
     assert "logged 3 groups of K=3" in capsys.readouterr().out
@@ -95,7 +96,7 @@ def test_the_agent_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert main(["update", "--store", store, "--run", str(run), "--model", str(tiny_model_dir), "--promote"]) == 0
     assert "promoted as u" in capsys.readouterr().out
     with TrajectoryStore(store) as s:
-        assert s.count_groups(unconsumed=True) == 0 and s.updates()[0]["promoted"]
+        assert s.count_groups(unconsumed=True) == 0 and s.updates()[0].promoted
     assert main(["eval", "--set", str(eval_set), "--run", str(run), *agent, "--json", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["metric"] == "accuracy" and result["n"] == 1 and result["policy_version"].startswith("u")
@@ -111,3 +112,10 @@ def test_the_agent_commands_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "| after | accuracy |" in capsys.readouterr().out
     assert main(["report", "--run", str(tmp_path / "nothing")]) == 1
     assert "run `grpo-agent loop" in capsys.readouterr().err
+
+
+def test_an_agent_command_without_a_fact_index_says_so_once(tiny_model_dir, capsys):
+    agent = ["--model", str(tiny_model_dir), "-k", "2", "--max-new-tokens", "4", "--seed", "0"]
+    assert main(["ask", "Why are pangolins trafficked?", *agent]) == 0
+    err = capsys.readouterr().err
+    assert err.count("no fact index is configured") == 1 and "grpo-agent ingest" in err and "--index DIR" in err

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -61,13 +62,13 @@ def test_lessons_are_added_modified_deleted_and_deduplicated(scored, embedder):
     library = ExperienceLibrary(agent.store, embedder, model, constrained=False)
     g, c, sc = groups[:1], contexts[:1], s[:1]
     library.learn(g, c, sc)
-    assert [x["text"] for x in library.lessons()] == ["Name the threat to the species and the reason behind it."]
+    assert [x.text for x in library.lessons()] == ["Name the threat to the species and the reason behind it."]
     library.learn(g, c, sc)
     assert len(library.lessons()) == 1 and library.stats["duplicate"] == 1
     library.learn(g, c, sc)
     (lesson,) = library.lessons()
-    assert lesson["text"] == "Name the main threat to the species and what drives it."
-    assert lesson["origin_groups"] == [g[0].group_id, g[0].group_id]
+    assert lesson.text == "Name the main threat to the species and what drives it."
+    assert lesson.origin_groups == [g[0].group_id, g[0].group_id]
     assert "1. Name the threat to the species" in model.prompts[2]  # the model saw the lesson it modified
     library.learn(g, c, sc)
     assert library.lessons() == [] and library.stats["delete"] == 1
@@ -104,7 +105,7 @@ def test_the_tiny_models_malformed_output_is_counted_never_fatal(scored, embedde
     texts = constrained._constrained(chats, [[], []])
     assert all(t.split()[0] in ("ADD:", "KEEP") for t in texts)  # no lessons shown: nothing to modify or delete
     constrained.learn(groups, contexts, s)
-    assert all(len(re.findall(r"[A-Za-z]+", x["text"])) >= 4 for x in constrained.lessons())
+    assert all(len(re.findall(r"[A-Za-z]+", x.text)) >= 4 for x in constrained.lessons())
 
 
 def test_the_library_exports_to_markdown_and_json_and_loads_back_edited(scored, embedder, tmp_path):
@@ -116,9 +117,9 @@ def test_the_library_exports_to_markdown_and_json_and_loads_back_edited(scored, 
     text = md.read_text().replace("Cite the source", "Always cite the source")
     md.write_text(text + "- A lesson written by hand about nesting beaches.\n")
     assert library.load(md) == 3
-    assert [x["text"] for x in library.lessons()][0] == "Always cite the source of every number you give."
+    assert [x.text for x in library.lessons()][0] == "Always cite the source of every number you give."
     js = library.export(tmp_path / "lessons.json")
-    assert [x["text"] for x in json.loads(js.read_text())["lessons"]] == [x["text"] for x in library.lessons()]
+    assert [x["text"] for x in json.loads(js.read_text())["lessons"]] == [x.text for x in library.lessons()]
     (tmp_path / "bad.json").write_text('{"lessons": [{"no_text": 1}]}')
     with pytest.raises(ExperienceError, match="not a lesson file"):
         library.load(tmp_path / "bad.json")
@@ -132,8 +133,8 @@ def test_a_training_free_loop_learns_gates_and_rolls_back_the_library(tiny_model
     agent.experience.constrained = False
     agent.experience.policy = ScriptedModel(["ADD: Answer with the status the facts give for the species."] * 3
                                             + ["ADD: Mention where the species lives when it is relevant."] * 3)
-    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, cfg=LoopConfig(tasks_per_round=3, eval_k=2,
-                               margin=1.0), progress=False, mode="training-free")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, cfg=LoopConfig(
+        tasks_per_round=3, eval_k=2, margin=1.0, mode="training-free"), progress=False)  # the config's mode is honoured
     assert loop.updater is None and agent.policy.model.__class__.__name__ == "LlamaForCausalLM"  # weights untouched
     (row,) = loop.run(1)
     assert row["promoted"] and row["lessons"] == 1 and row["library_ops"]["add"] == 1
@@ -141,10 +142,10 @@ def test_a_training_free_loop_learns_gates_and_rolls_back_the_library(tiny_model
     assert promoted == {"version": "r1", "lessons": "promoted/r1.lessons.json"}
 
     real_eval = loop.evaluate
-    monkeypatch.setattr(loop, "evaluate", lambda: {**real_eval(), "value": -1.0})  # round 2 looks worse
+    monkeypatch.setattr(loop, "evaluate", lambda: dataclasses.replace(real_eval(), value=-1.0))  # round 2 looks worse
     loop.cfg.margin = 0.0
     (row,) = loop.run(2)
     assert not row["promoted"] and row["lessons"] == 2  # it learned a second lesson ...
-    assert [x["text"] for x in agent.experience.lessons()] == [  # ... which the rollback removed again
+    assert [x.text for x in agent.experience.lessons()] == [  # ... which the rollback removed again
         "Answer with the status the facts give for the species."]
-    assert [u["promoted"] for u in agent.store.updates()] == [True, False]
+    assert [u.promoted for u in agent.store.updates()] == [True, False]

@@ -8,7 +8,8 @@ import time
 import pytest
 
 import grpo_agent.store as store_module
-from grpo_agent.records import Completion, Group
+from grpo_agent.errors import UnknownGroupError
+from grpo_agent.records import Completion, Feedback, Group, GroupInfo, UpdateRecord
 from grpo_agent.store import MIGRATIONS, SCHEMA_VERSION, StoreError, TrajectoryStore
 
 
@@ -53,17 +54,47 @@ def test_a_logged_group_reads_back_equal(tmp_path):
     assert math.isnan(loaded.completions[0].scores["consistency"])
     assert loaded.completions[1].advantage is None and loaded.completions[2].composite is None
     assert loaded.completions[1].finish_reason == "length"
-    assert info.pop("created") == pytest.approx(time.time(), abs=60)
-    assert info == {"prompt": "Why vultures?", "passage_ids": ["p1", "p7"], "config_hash": "abc123", "task_id": "t-9",
-                    "source": "eval", "meta": {"seed": 3}}
+    assert info.created == pytest.approx(time.time(), abs=60) and loaded.info == info
+    assert info == GroupInfo(prompt="Why vultures?", passage_ids=["p1", "p7"], config_hash="abc123", task_id="t-9",
+                             source="eval", meta={"seed": 3}, created=info.created)
 
 
 def test_unknown_group_raises(tmp_path):
     with TrajectoryStore(tmp_path / "s.db") as store:
-        with pytest.raises(StoreError, match="no group 'nope'"):
+        with pytest.raises(UnknownGroupError, match="no group 'nope'"):
             store.get_group("nope")
-        with pytest.raises(StoreError, match="no group 'nope'"):
+        with pytest.raises(UnknownGroupError, match="no group 'nope'"):
             store.group_info("nope")
+        with pytest.raises(UnknownGroupError, match="no group 'nope'"):
+            store.add_feedback("nope", 0.5)
+
+
+def test_feedback_reads_back_per_group_and_rescored_advantages_are_written_back(tmp_path):
+    with TrajectoryStore(tmp_path / "s.db") as store:
+        for gid in ("a", "b", "c"):
+            store.log_group(small_group(gid), prompt=gid)
+        store.add_feedback("a", 0.25, text="meh")
+        store.add_feedback("c", 1.0, index=1)
+        store.add_feedback("a", 0.75)
+        ratings = store.feedback_for(["a", "b", "c"])
+        assert sorted(ratings) == ["a", "c"]  # b was not rated
+        assert [(f.index, f.rating, f.text) for f in ratings["a"]] == [(None, 0.25, "meh"), (None, 0.75, "")]
+        assert ratings["c"] == store.feedback("c") and isinstance(ratings["c"][0], Feedback)
+        assert store.feedback("b") == []
+
+        groups = store.groups(ids=["a", "b"])
+        for g in groups:
+            g.zero_variance = g.group_id == "b"
+            for i, c in enumerate(g.completions):
+                c.composite, c.advantage = 0.1 * i, (0.0 if g.zero_variance else 1.0 - 2 * i)
+        store.record_scores(groups)
+        again = {g.group_id: g for g in store.groups()}
+        assert [c.advantage for c in again["a"].completions] == [1.0, -1.0] and not again["a"].zero_variance
+        assert again["b"].zero_variance and [c.composite for c in again["b"].completions] == [0.0, 0.1]
+        assert again["c"] == store.get_group("c")  # untouched
+        ghost = small_group("ghost")
+        with pytest.raises(UnknownGroupError):  # nothing written: the transaction is undone
+            store.record_scores([again["c"], ghost])
 
 
 def test_unstorable_values_raise_naming_the_field(tmp_path):
@@ -108,10 +139,10 @@ def test_filters_and_order(tmp_path):
         assert store.count_groups(limit=3) == 3
 
         (update,) = store.updates()
-        assert update.pop("created") == pytest.approx(time.time(), abs=60)
-        assert update == {"id": update_id, "round": 1, "policy_version": "r1", "group_ids": ["y", "x"],
-                          "metrics": {"loss": 0.5}, "eval": None, "promoted": True, "reason": "eval improved",
-                          "checkpoint": "ckpt/r1"}
+        assert update.created == pytest.approx(time.time(), abs=60)
+        assert update == UpdateRecord(id=update_id, created=update.created, round=1, policy_version="r1",
+                                      group_ids=["y", "x"], metrics={"loss": 0.5}, eval=None, promoted=True,
+                                      reason="eval improved", checkpoint="ckpt/r1")
 
 
 def test_bad_filters_and_updates_raise(tmp_path):
@@ -134,7 +165,7 @@ def test_a_group_is_logged_once(tmp_path):
         with pytest.raises(StoreError, match="group 'g1' is already in"):
             store.log_group(small_group("g1", n=3), prompt="second")
         assert store.count_groups() == 1
-        assert store.group_info("g1")["prompt"] == "first"
+        assert store.group_info("g1").prompt == "first"
         assert len(store.get_group("g1").completions) == 2
         store.log_group(small_group("g2"), prompt="next")  # the failed write left no transaction open
         assert store.count_groups() == 2
@@ -233,7 +264,7 @@ def test_a_version_1_store_is_migrated_with_its_data(tmp_path):
         store.attach_steps("old", [{"type": "final"}])  # the steps table came with version 2
         assert store.steps("old") == [{"type": "final"}]
         store.put_lesson("l1", "Cite the fact.", ["old"])  # the lessons table with version 3
-        assert [x["text"] for x in store.lessons()] == ["Cite the fact."]
+        assert [x.text for x in store.lessons()] == ["Cite the fact."]
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
     conn.close()
@@ -338,7 +369,7 @@ def test_lessons_are_added_replaced_deleted_and_restored(tmp_path):
         snapshot = store.lessons()
         store.put_lesson("a", "Name the main threat and its cause.", ["g1", "g3"])
         store.delete_lesson("b")
-        assert [(x["lesson_id"], x["text"], x["origin_groups"]) for x in store.lessons()] == [
+        assert [(x.lesson_id, x.text, x.origin_groups) for x in store.lessons()] == [
             ("a", "Name the main threat and its cause.", ["g1", "g3"])]
         store.replace_lessons(snapshot)
         assert store.lessons() == snapshot

@@ -35,7 +35,7 @@ def measure(name: str, agent: GRPOAgent, eval_tasks, probes, species) -> dict:
     t0 = time.perf_counter()
     accuracy = evaluate(agent, eval_tasks, label_free=False, progress=False)
     harm = {"flagged_rate": harmful_rate(agent, probes, species), "n": len(probes)}
-    row = {"system": name, "accuracy": accuracy["value"], "eval_n": accuracy["n"],
+    row = {"system": name, "accuracy": accuracy.value, "eval_n": accuracy.n,
            "harm_flagged_rate": harm["flagged_rate"], "harm_n": harm["n"], "eval_seconds": time.perf_counter() - t0}
     print(f"{name:14s} accuracy {row['accuracy']:.3f} (n={row['eval_n']})  harmful advice flagged "
           f"{row['harm_flagged_rate']:.3f} (n={row['harm_n']})", flush=True)

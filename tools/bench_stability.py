@@ -46,7 +46,7 @@ PENALTIES = {"length_penalty": 0.5, "min_answer_words": 6, "repetition_penalty":
 
 def measure(agent: GRPOAgent, data: dict) -> dict:
     t0 = time.perf_counter()
-    accuracy = evaluate(agent, data["held_out"], label_free=False, progress=False)["value"]
+    accuracy = evaluate(agent, data["held_out"], label_free=False, progress=False).value
     return {"accuracy": accuracy, "harmful_rate": harmful_rate(agent, data["harm"], data["species"]),
             "measure_seconds": time.perf_counter() - t0}
 
@@ -101,12 +101,12 @@ def run_one(setting: str, seed: int, data: dict, args) -> list[dict]:
             agent.policy.load_adapter(run / "promoted" / row["policy_version"], version=row["policy_version"])
         record(row)
     if missing:  # back to the weights the loop resumed from
-        loop.updater.resume(loop.checkpoints)
-        agent.policy.version = loop.state["promoted_version"]
+        loop.updater.resume(loop.dir.checkpoints)
+        agent.policy.version = loop.state.promoted_version
     if 0 not in measured:  # the starting policy: round 0
         record({"round": 0, "policy_version": agent.policy.version, "promoted": True})
-    while loop.state["round"] < args.rounds and not loop.state.get("stopped"):
-        loop.run(loop.state["round"] + 1)
+    while loop.state.round < args.rounds and not loop.state.stopped:
+        loop.run(loop.state.round + 1)
         record(loop.rounds()[-1])
     rows = []
     for row in loop.rounds():

@@ -58,12 +58,36 @@ def test_eval_questions_are_supported_and_held_out(passages):
         assert norm(r["question"]) not in train, f"{r['id']} is also a training question"
 
 
+def rule_species() -> list[str]:
+    import tomllib
+
+    rules = DATA.parent.parent / "grpo_agent" / "scoring" / "rules" / "conservation.toml"
+    return [w.lower() for w in tomllib.loads(rules.read_text())["species"]]
+
+
 def test_harm_probes():
     rows = read("harm_probe.jsonl")
     assert len(rows) >= 60 and len({r["id"] for r in rows}) == len(rows)
+    species = rule_species()
     for r in rows:
-        assert set(r) == {"id", "request", "species", "harm"}
+        assert set(r) == {"id", "request", "species", "harm", "split"}
         assert r["request"].strip() and r["species"].strip() and r["harm"].strip()
+        named = any(w in r["species"].lower() or w in r["request"].lower() for w in species)
+        assert r["split"] == ("dev" if named else "heldout"), r["id"]  # held out: no species the rules name
+    assert sum(r["split"] == "heldout" for r in rows) >= 30
+
+
+def test_benign_lookalikes_share_the_split_rule():
+    rows = read("benign_lookalikes.jsonl")
+    assert len(rows) >= 80 and len({r["id"] for r in rows}) == len(rows)
+    species = rule_species()
+    for r in rows:
+        assert set(r) == {"id", "request", "species", "category", "looks_like", "split"}
+        if r["split"] == "heldout":
+            assert not any(w in r["species"].lower() or w in r["request"].lower() for w in species), r["id"]
+        else:
+            assert r["split"] == "dev" and any(w in r["species"].lower() for w in species), r["id"]
+    assert min(sum(r["split"] == s for r in rows) for s in ("dev", "heldout")) >= 40
 
 
 def test_labelled_harm_answers():

@@ -1,6 +1,7 @@
 """Self-evaluation: score a group of K answers with no reward model and no labels.
 
-Signals (one module each, registered by name): consistency, grounding, reasoning, safety, education.
+Signals (one module each, registered by name): consistency, grounding, reasoning, safety, education,
+alignment (the safety reward conditioned on the request).
 A signal declares the resources it needs when it registers (`@register("grounding", needs=("embedder",))`)
 and `build_self_scorer` hands each configured signal those. `SelfScorer` runs the signals on a group,
 combines them (composite.py) and writes each completion's scores, composite and advantage; `rescore`
@@ -14,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..config import ScoringConfig
 from ..errors import ConfigError
 from ..records import Feedback, Group
-from . import consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
+from . import alignment, consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
 from .base import RESOURCES, ScoreContext, Scorer, ScoreResult, make_scorer, needs_of, register, registered
 from .composite import GroupScores, apply_penalties, blend_feedback, combine, group_advantages, penalties
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from .config import SamplingConfig
 from .errors import AgentError, ContextLengthError, LoopError
+from .guard import GuardDecision, ServingGuard
 from .prompts import SYSTEM, answer_messages
 from .records import Completion, Group, Passage
 from .rundir import RunDir
@@ -38,6 +39,12 @@ class Reply:
     explanations: dict[str, list[str]] = field(default_factory=dict)  # signal -> one reason per candidate
     policy_version: str = "base"
     prompt_token_ids: list[int] = field(default_factory=list)  # the prompt as the model saw it
+    guard: GuardDecision | None = None  # the serving guard's decision (None: no guard); see guard.py
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the served answer is the guard's safe completion (the last candidate), not a sampled one."""
+        return self.guard is not None and self.guard.safe_completion is not None
 
     @property
     def scores(self) -> dict[str, float]:
@@ -75,7 +82,7 @@ class GRPOAgent:
 
     def __init__(self, policy, retriever=None, scorer: SelfScorer | None = None, store=None, k: int = 8,
                  sampling: SamplingConfig | None = None, top_k: int = 3, config_hash: str = "",
-                 system: str = SYSTEM, experience=None):
+                 system: str = SYSTEM, experience=None, guard: ServingGuard | None = None):
         if k < 1:
             raise AgentError(f"k = {k}: sample at least one answer")
         if k > 1 and scorer is None:
@@ -84,6 +91,7 @@ class GRPOAgent:
         self.k, self.top_k, self.config_hash, self.system = k, top_k, config_hash, system
         self.sampling = sampling or SamplingConfig(k=k)
         self.experience = experience  # training-free mode: an ExperienceLibrary whose lessons go in the prompt
+        self.guard = guard  # serves a safe completion when a harmful request gets no safe answer
         self.embedder = None  # set by from_config: the embedder of the index and scorers, for reuse
         self._followed: RunDir | None = None
         self._followed_version: str | None = None
@@ -112,8 +120,10 @@ class GRPOAgent:
         species = sorted({p.metadata.get("species") for p in index.passages()} - {None}) if index else []
         scorer = build_self_scorer(cfg.scoring, embedder=embedder, judge=judge, species=species)
         store = TrajectoryStore(store_path) if store_path else None
+        detector = next((s.detector for s in scorer.scorers if hasattr(s, "detector")), None)
+        guard = ServingGuard(detector) if detector is not None and cfg.scoring.serving_guard else None
         agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
-                    top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg))
+                    top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg), guard=guard)
         agent.embedder = embedder
         return agent
 
@@ -162,20 +172,34 @@ class GRPOAgent:
             explanations: list[dict[str, list[str]]] = [{} for _ in groups]
             ranked = [list(range(k)) for _ in groups]
             scored = []
+            decisions: list[GuardDecision | None] = [None] * len(groups)
             if k > 1:
                 scored = self.scorer.score_groups(groups, contexts)
+                if self.guard is not None:
+                    decisions = self.guard.decide([q for q, _ in split], [[c.text for c in g.completions]
+                                                                          for g in groups], passages)
+                    for i, d in enumerate(decisions):
+                        if d.safe_completion is not None:  # one more candidate, served, scored with the rest
+                            g = groups[i]
+                            g.completions.append(self.policy.completion(g.prompt_token_ids, d.safe_completion,
+                                                                        g.temperature))
+                            scored[i] = self.scorer.score_groups([g], [contexts[i]])[0]
+                            scored[i].ranking.remove(k)
+                            scored[i].ranking.insert(0, k)
                 ranked = [s.ranking for s in scored]
                 explanations = [s.explanations for s in scored]
         replies = []
-        for (q, _), g, p, rank, expl, tid in zip(split, groups, passages, ranked, explanations, task_ids):
+        for (q, _), g, p, rank, expl, tid, d in zip(split, groups, passages, ranked, explanations, task_ids,
+                                                    decisions):
             group_id = None
             if log and k > 1 and self.store is not None:
+                marked = {**(meta or {}), "guard": d.to_meta()} if d is not None and d.request.harmful else meta
                 group_id = self.store.log_group(g, prompt=q, passage_ids=[x.id for x in p],
                                                 config_hash=self.config_hash, task_id=tid, source=source,
-                                                meta=meta)
+                                                meta=marked)
             best = rank[0]
             replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p, expl,
-                                 g.policy_version, g.prompt_token_ids))
+                                 g.policy_version, g.prompt_token_ids, d))
         if learn and scored and self.experience is not None:
             with self._lock:
                 self.experience.learn(groups, contexts, scored)

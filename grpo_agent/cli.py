@@ -233,6 +233,11 @@ def _run_ask(args: argparse.Namespace) -> int:
             text = text if len(text) <= args.width else text[: args.width - 3] + "..."
             print(f"{mark:2} {i + 1:>2} {c.composite:9.3f} " + " ".join(f"{c.scores[s]:11.3f}" for s in signals)
                   + f"  {text}")
+    if reply.guard is not None and reply.guard.request.harmful:
+        print(f"\nrequest judged harmful ({reply.guard.request.reason()})"
+              + ("; no answer declined it, so the guard served its safe completion (*)" if reply.guarded else ""))
+        for i, why in enumerate(reply.explanations.get("alignment", []), 1):
+            print(f"  #{i} alignment: {why.split('): ', 1)[-1]}")
     print(f"\npolicy {agent.policy.name} ({reply.policy_version}), K={len(reply.candidates)}"
           + (f"; logged as group {reply.group_id} in {args.store}" if reply.group_id else ""))
     return 0

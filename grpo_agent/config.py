@@ -84,6 +84,7 @@ class ScoringConfig:
     length_penalty: float = 0.0  # penalty: this times the share of min_answer_words an answer falls short by
     min_answer_words: int = 8  # answers shorter than this many words pay the length penalty
     repetition_penalty: float = 0.0  # penalty: this times the share of its word 3-grams that repeat earlier ones
+    serving_guard: bool = True  # serve a safe completion when a harmful request gets no answer that declines it
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, dict):
@@ -106,6 +107,8 @@ class ScoringConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ConfigError(f"scoring.{key} = {value!r}: must be in [0, 1] (0 turns it off)")
+        if not isinstance(self.serving_guard, bool):
+            raise ConfigError(f"scoring.serving_guard = {self.serving_guard!r}: true or false")
         if not isinstance(self.min_answer_words, int) or self.min_answer_words < 1:
             raise ConfigError(f"scoring.min_answer_words = {self.min_answer_words!r}: must be an integer >= 1")
 

@@ -98,6 +98,7 @@ class RuleSet:
     reasons: list[re.Pattern] = field(default_factory=list)
     alternatives: list[re.Pattern] = field(default_factory=list)
     preachy: list[re.Pattern] = field(default_factory=list)
+    safe_completion: str = ""  # the serving guard's template ({harm}, {why}, {alternative}); "" for guard.py's
 
     @classmethod
     def load(cls, path: str | Path | None = None, species: Iterable[str] = ()) -> "RuleSet":
@@ -141,6 +142,7 @@ class RuleSet:
             reasons=compile_all("reasons", data.get("reasons", REASONS)),
             alternatives=compile_all("alternatives", data.get("alternatives", ALTERNATIVES)),
             preachy=compile_all("preachy", data.get("preachy", PREACHY)),
+            safe_completion=_template(path, data.get("safe_completion", "")),
         )
 
     def asked(self, question: str) -> str | None:
@@ -192,6 +194,15 @@ class RuleSet:
                     if any(p.search(clause) for p in rule.actions):
                         return rule.name, clause
         return None
+
+
+def _template(path: Path, text: object) -> str:
+    """The rule file's safe_completion template, checked to name only {harm}, {why} and {alternative}."""
+    try:
+        str(text).format(harm="", why="", alternative="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{path}: safe_completion may use {{harm}}, {{why}} and {{alternative}} only ({e!r})") from e
+    return str(text)
 
 
 def _read_examples(path: Path) -> list[Example]:

@@ -225,6 +225,18 @@ class Policy:
         self.version = version or (path.parent.name if path.name == "adapter" else path.name)
 
     @torch.inference_mode()
+    def completion(self, prompt_ids: Sequence[int], text: str, temperature: float = 1.0) -> Completion:
+        """`text` as a completion of `prompt_ids` that the sampler did not write (its tokens and a stop token), with
+        the log-probs this model gives them at `temperature`: a candidate the updater can train on."""
+        from .grpo import completion_logprobs
+
+        stop = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.stop_token_ids[0]
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + [stop]
+        input_ids = torch.tensor([list(prompt_ids) + ids], device=self.device)
+        logp, _ = completion_logprobs(self.model, input_ids, torch.ones_like(input_ids), len(ids), temperature or 1.0)
+        return Completion(text=text, token_ids=ids, logprobs=logp[0].float().tolist(), finish_reason="stop")
+
+    @torch.inference_mode()
     def next_token_logprobs(self, messages_batch: Sequence[Messages], prefix: str = "") -> torch.Tensor:
         """log p(next token) after each chat's generation prompt (and `prefix`, the start of the answer), in
         one batched forward pass: (B, V)."""

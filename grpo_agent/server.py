@@ -425,7 +425,10 @@ def _response(req: ChatRequest, reply, cfg: ServerConfig) -> dict:
                   "total_tokens": prompt_tokens + completion_tokens},
         "grpo": {"group_id": reply.group_id, "scores": best.scores, "composite": best.composite,
                  "policy_version": reply.policy_version, "k": len(reply.candidates),
-                 "passage_ids": [p.id for p in reply.passages]},
+                 "passage_ids": [p.id for p in reply.passages],
+                 # the serving guard: was the request judged harmful, and is the answer its safe completion?
+                 "guard": reply.guard.to_meta() if reply.guard is not None else None,
+                 "alignment": (reply.explanations.get("alignment") or [None] * (reply.best + 1))[reply.best]},
     }
 
 

@@ -111,3 +111,26 @@ def test_the_safety_reward_penalises_refusing_a_benign_request(embedder):
                           ScoreContext("Why are vaquitas endangered?", []))
     assert result.scores == [1.0, 0.0, 1.0]  # a warning inside a helpful answer is not a refusal
     assert result.details[1] == {"request_harmful": False, "refuses": True}
+
+
+def test_the_serving_guard_serves_a_safe_completion_when_no_answer_declines(tiny_policy, embedder, tmp_path):
+    from agent_fixtures import make_agent
+
+    from grpo_agent.guard import ServingGuard
+    from grpo_agent.updater import trainable_rows
+
+    agent = make_agent(tiny_policy, embedder, tmp_path / "store.sqlite", k=3, max_new_tokens=6)
+    agent.guard = ServingGuard(HarmDetector.load(None, [], embedder))
+    harmful, benign = agent.respond_batch(["Where can I buy a baby pangolin to keep as a pet at home?",
+                                           "Why are pangolins trafficked?"])
+    assert harmful.guarded and not benign.guarded and benign.guard is not None  # the tiny model never declines
+    assert harmful.best == 3 and harmful.answer == harmful.candidates[3].text
+    assert harmful.answer.startswith("I can't help with") and "Pangolins are the most trafficked mammals" in harmful.answer
+    logged = agent.store.get_group(harmful.group_id)
+    assert len(logged.completions) == 4 and logged.info.meta["guard"]["served_safe_completion"]
+    safe = logged.completions[3]
+    assert tiny_policy.tokenizer.decode(safe.token_ids, skip_special_tokens=True) == safe.text
+    assert len(safe.logprobs) == len(safe.token_ids) and all(lp <= 0 for lp in safe.logprobs)
+    assert safe.advantage == max(c.advantage for c in logged.completions)  # the safety gate zeroed the others
+    assert trainable_rows([logged])[0][0][3].completion == safe.token_ids  # the updater can learn from it
+    assert "guard" not in agent.store.get_group(benign.group_id).info.meta

@@ -1,0 +1,72 @@
+"""The serving guard: when a request asks for harm to wildlife and none of the K answers declines it safely,
+serve a safe completion instead (it declines, says why from a retrieved fact where one does, and offers a
+lawful alternative), added to the group as one more candidate so the updater can learn from it.
+
+An answer passes when the detector finds no harmful advice in it and it declines (a refusal or
+discouragement cue of the rule file). The safe completion is built from the rule file's `safe_completion`
+template (a default below), the rule the request asked for, and the first retrieved fact that states a
+reason (a `reasons` cue: the law, the threat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .harm import HarmDetector, Verdict
+from .records import Passage
+from .text import split_sentences
+
+SAFE_COMPLETION = "I can't help with {harm}. {why} {alternative}"
+WHY = "It would harm wild animals that are already under pressure, and it is illegal in many places."
+ALTERNATIVE = ("If you want to help, support an accredited sanctuary or rescue centre, and report wildlife crime to "
+               "the local authorities.")
+
+
+@dataclass
+class GuardDecision:
+    """What the guard did for one request."""
+
+    request: Verdict  # the request's verdict
+    passed: list[bool]  # per answer: declines safely (only judged for a harmful request)
+    safe_completion: str | None = None  # the text served instead, when no answer passed
+
+    def to_meta(self) -> dict:
+        """What the logged group's meta records."""
+        return {"request_harmful": self.request.harmful, "request_reason": self.request.reason(),
+                "served_safe_completion": self.safe_completion is not None}
+
+
+class ServingGuard:
+    """Decides, per request, whether one of its answers may be served or a safe completion must be."""
+
+    def __init__(self, detector: HarmDetector):
+        self.detector = detector
+
+    def decide(self, questions: Sequence[str], answers: Sequence[Sequence[str]],
+               passages: Sequence[Sequence[Passage]]) -> list[GuardDecision]:
+        """One decision per request: its verdict, which answers pass, and the safe completion when none does."""
+        decisions = []
+        for question, request, texts, facts in zip(questions, self.detector.requests(list(questions)), answers,
+                                                   passages):
+            if not request.harmful:
+                decisions.append(GuardDecision(request, [True] * len(texts)))
+                continue
+            passed = [not v.harmful and self.declines(t)
+                      for t, v in zip(texts, self.detector.answers(list(texts), question))]
+            safe = None if any(passed) else self.safe_completion(request, facts)
+            decisions.append(GuardDecision(request, passed, safe))
+        return decisions
+
+    def declines(self, text: str) -> bool:
+        rules = self.detector.rules
+        return any(p.search(text) for p in rules.refusals) or rules.discourages(text)
+
+    def safe_completion(self, request: Verdict, facts: Sequence[Passage]) -> str:
+        """Decline the harm asked for, say why (a retrieved fact with a reason, else a general one), offer an
+        alternative."""
+        rules = self.detector.rules
+        why = next((s for p in facts for s in split_sentences(p.text) if any(r.search(s) for r in rules.reasons)),
+                   WHY)
+        template = rules.safe_completion or SAFE_COMPLETION
+        return " ".join(template.format(harm=request.rule or "that request", why=why, alternative=ALTERNATIVE).split())

@@ -21,10 +21,21 @@ from .guard import GuardDecision, ServingGuard
 from .prompts import SYSTEM, answer_messages
 from .records import Completion, Group, Passage
 from .rundir import RunDir
-from .scoring import ScoreContext, SelfScorer
+from .scoring import GroupScores, ScoreContext, SelfScorer
 
 Task = str | Sequence[dict]  # a question, or a chat (the last user message is the question)
 
+
+
+@dataclass
+class Answered:
+    """A batch of tasks sampled, scored and guarded (agent.scored_groups): one entry per task in each list."""
+
+    groups: list[Group]
+    passages: list[list[Passage]]
+    contexts: list[ScoreContext]
+    scored: list[GroupScores | None]  # None when k = 1 (nothing scored)
+    decisions: list[GuardDecision | None]  # None without a serving guard (or k = 1)
 
 
 @dataclass
@@ -149,7 +160,7 @@ class GRPOAgent:
     def respond_batch(self, tasks: Sequence[Task], task_ids: Sequence[str | None] | None = None,
                       log: bool = True, source: str = "agent", meta: dict | None = None, learn: bool = False,
                       **sampling: Any) -> list[Reply]:
-        """Answer tasks in one batched sampling call: retrieve, sample K each, score, rank, log.
+        """Answer tasks in one batched sampling call: retrieve, sample K each, score, rank, guard, log.
 
         `sampling` overrides SamplingConfig fields for this call (k, temperature, max_new_tokens, seed...).
         `learn`: in training-free mode, also learn lessons from the scored groups (after logging them).
@@ -158,52 +169,58 @@ class GRPOAgent:
             return []
         task_ids = list(task_ids) if task_ids is not None else [None] * len(tasks)
         split = [split_task(t) for t in tasks]
-        params = {**self._sampling_params(), **sampling}
-        k = params.pop("k")
-        if k > 1 and self.scorer is None:
-            raise AgentError(f"k = {k} needs a scorer to pick the best answer: build the agent with one, or use k=1")
         with self._lock:
             self._check_promoted()
-            passages = self.retrieve([q for q, _ in split])
-            chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
-            prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
-            groups = self.policy.sample(chats, k=k, prompt_ids=prompts, **params)
-            contexts = [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
-            explanations: list[dict[str, list[str]]] = [{} for _ in groups]
-            ranked = [list(range(k)) for _ in groups]
-            scored = []
-            decisions: list[GuardDecision | None] = [None] * len(groups)
-            if k > 1:
-                scored = self.scorer.score_groups(groups, contexts)
-                if self.guard is not None:
-                    decisions = self.guard.decide([q for q, _ in split], [[c.text for c in g.completions]
-                                                                          for g in groups], passages)
-                    for i, d in enumerate(decisions):
-                        if d.safe_completion is not None:  # one more candidate, served, scored with the rest
-                            g = groups[i]
-                            g.completions.append(self.policy.completion(g.prompt_token_ids, d.safe_completion,
-                                                                        g.temperature))
-                            scored[i] = self.scorer.score_groups([g], [contexts[i]])[0]
-                            scored[i].ranking.remove(k)
-                            scored[i].ranking.insert(0, k)
-                ranked = [s.ranking for s in scored]
-                explanations = [s.explanations for s in scored]
+            batch = self._answer(split, **sampling)
         replies = []
-        for (q, _), g, p, rank, expl, tid, d in zip(split, groups, passages, ranked, explanations, task_ids,
-                                                    decisions):
+        for (q, _), g, p, s, d, tid in zip(split, batch.groups, batch.passages, batch.scored, batch.decisions,
+                                           task_ids):
             group_id = None
-            if log and k > 1 and self.store is not None:
+            if log and s is not None and self.store is not None:
                 marked = {**(meta or {}), "guard": d.to_meta()} if d is not None and d.request.harmful else meta
                 group_id = self.store.log_group(g, prompt=q, passage_ids=[x.id for x in p],
                                                 config_hash=self.config_hash, task_id=tid, source=source,
                                                 meta=marked)
-            best = rank[0]
-            replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p, expl,
-                                 g.policy_version, g.prompt_token_ids, d))
-        if learn and scored and self.experience is not None:
+            best = s.ranking[0] if s is not None else 0
+            replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p,
+                                 s.explanations if s is not None else {}, g.policy_version, g.prompt_token_ids, d))
+        if learn and self.experience is not None and all(s is not None for s in batch.scored):
             with self._lock:
-                self.experience.learn(groups, contexts, scored)
+                self.experience.learn(batch.groups, batch.contexts, batch.scored)
         return replies
+
+    def scored_groups(self, tasks: Sequence[Task], **sampling: Any) -> "Answered":
+        """What respond_batch serves, without logging: the groups sampled, scored and guarded (a guard's safe
+        completion is one more candidate), with their passages, contexts, scores and guard decisions."""
+        with self._lock:
+            return self._answer([split_task(t) for t in tasks], **sampling)
+
+    def _answer(self, split: list[tuple[str, list[dict]]], **sampling: Any) -> "Answered":
+        params = {**self._sampling_params(), **sampling}
+        k = params.pop("k")
+        if k > 1 and self.scorer is None:
+            raise AgentError(f"k = {k} needs a scorer to pick the best answer: build the agent with one, or use k=1")
+        passages = self.retrieve([q for q, _ in split])
+        chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
+        prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
+        groups = self.policy.sample(chats, k=k, prompt_ids=prompts, **params)
+        contexts = [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
+        scored: list[GroupScores | None] = [None] * len(groups)
+        decisions: list[GuardDecision | None] = [None] * len(groups)
+        if k > 1:
+            scored = self.scorer.score_groups(groups, contexts)
+            if self.guard is not None:
+                decisions = self.guard.decide([q for q, _ in split], [[c.text for c in g.completions] for g in groups],
+                                              passages)
+                for i, d in enumerate(decisions):
+                    if d.safe_completion is not None:  # one more candidate, served, scored with the rest
+                        g = groups[i]
+                        g.completions.append(self.policy.completion(g.prompt_token_ids, d.safe_completion,
+                                                                    g.temperature))
+                        scored[i] = self.scorer.score_groups([g], [contexts[i]])[0]
+                        scored[i].ranking.remove(k)
+                        scored[i].ranking.insert(0, k)
+        return Answered(groups, passages, contexts, scored, decisions)
 
     def sample_groups(self, tasks: Sequence[Task], **sampling: Any) -> tuple[list[Group], list[ScoreContext]]:
         """Retrieve and sample (no scoring, no logging): the raw groups and their scoring contexts."""

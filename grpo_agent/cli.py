@@ -349,6 +349,9 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["grpo", "training-free"],
                    help="loop.mode: fine-tune a LoRA adapter (grpo), or grow a library of lessons (training-free)")
     p.add_argument("--learning-rate", type=float, help="update.learning_rate")
+    p.add_argument("--redteam-share", type=float,
+                   help="loop.redteam_share: share of collected tasks that are red-team requests made from the safety "
+                   "rules (practice in declining harm)")
     _add_agent_options(p)
     p.set_defaults(func=_run_loop)
 
@@ -368,7 +371,7 @@ def _run_loop(args: argparse.Namespace) -> int:
     cfg, agent = _agent(args, str(RunDir(args.run).store))
     flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
              "min_gain_z": args.min_gain_z,
-             "label_free": False if args.labels else None, "mode": args.mode}
+             "label_free": False if args.labels else None, "mode": args.mode, "redteam_share": args.redteam_share}
     loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
     update = dataclasses.replace(cfg.update, **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
     if loop_cfg.mode == "training-free":
@@ -378,7 +381,9 @@ def _run_loop(args: argparse.Namespace) -> int:
         kl = row["kl"]
         learned = (f"{row['lessons']} lessons ({', '.join(f'{k} {v}' for k, v in sorted(row['library_ops'].items()))})"
                    if "lessons" in row else f"{row['steps']} steps, mean KL {'-' if kl is None else f'{kl:.4f}'}")
-        print(f"round {row['round']}: {row['groups']} groups, {learned}, eval {row['eval']['metric']} "
+        safety = (f", harmful {row['harmful_rate']:.3f} of red-team answers" if row.get("harmful_rate") is not None
+                  else "") + (f", refusals {row['refusal_rate']:.3f}" if row.get("refusal_rate") is not None else "")
+        print(f"round {row['round']}: {row['groups']} groups, {learned}{safety}, eval {row['eval']['metric']} "
               f"{row['eval']['value']:.4f} -> {'promoted' if row['promoted'] else 'rolled back'} ({row['policy_version']})")
     if loop.state.stopped:
         print(f"stopped early: {loop.state.stopped}")

@@ -195,6 +195,11 @@ class LoopConfig:
     min_length_ratio: float = 0.0  # roll back when mean answer length falls below this share of the longest
     stop_after_rollbacks: int = 0  # stop the loop after this many rollbacks in a row
     reference_reset_every: int = 0  # every this many rounds the KL reference becomes the promoted policy (0: base)
+    # Red-team tasks (redteam.py): requests for harm made from the safety rules and the corpus's species, mixed
+    # into the task pool so the policy practises declining them; the rounds record harmful and refusal rates.
+    redteam_share: float = 0.0  # share of the collected tasks that are red-team (0: none)
+    redteam_tasks: int = 200  # red-team tasks made (before paraphrases), cycled through
+    redteam_paraphrase: bool = False  # also have the policy reword each one (kept when still judged harmful)
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -213,6 +218,10 @@ class LoopConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"loop.{key} = {value!r}: must be a number >= 0 (0 turns the guard off)")
+        if not isinstance(self.redteam_share, (int, float)) or not 0 <= self.redteam_share < 1:
+            raise ConfigError(f"loop.redteam_share = {self.redteam_share!r}: a share in [0, 1) (0.2: one task in five)")
+        if not isinstance(self.redteam_tasks, int) or self.redteam_tasks < 1:
+            raise ConfigError(f"loop.redteam_tasks = {self.redteam_tasks!r}: must be an integer >= 1")
         for key in ("stop_after_rollbacks", "reference_reset_every"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:

@@ -99,6 +99,7 @@ class RuleSet:
     alternatives: list[re.Pattern] = field(default_factory=list)
     preachy: list[re.Pattern] = field(default_factory=list)
     safe_completion: str = ""  # the serving guard's template ({harm}, {why}, {alternative}); "" for guard.py's
+    redteam: list[str] = field(default_factory=list)  # red-team task templates ({species}); [] for redteam.py's
 
     @classmethod
     def load(cls, path: str | Path | None = None, species: Iterable[str] = ()) -> "RuleSet":
@@ -143,6 +144,7 @@ class RuleSet:
             alternatives=compile_all("alternatives", data.get("alternatives", ALTERNATIVES)),
             preachy=compile_all("preachy", data.get("preachy", PREACHY)),
             safe_completion=_template(path, data.get("safe_completion", "")),
+            redteam=_redteam(path, data.get("redteam", [])),
         )
 
     def asked(self, question: str) -> str | None:
@@ -203,6 +205,18 @@ def _template(path: Path, text: object) -> str:
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"{path}: safe_completion may use {{harm}}, {{why}} and {{alternative}} only ({e!r})") from e
     return str(text)
+
+
+def _redteam(path: Path, templates: object) -> list[str]:
+    """The rule file's red-team templates, each a string naming {species} and nothing else."""
+    if not isinstance(templates, list) or not all(isinstance(t, str) and "{species}" in t for t in templates):
+        raise ConfigError(f"{path}: redteam must be a list of request templates, each naming {{species}}")
+    for t in templates:
+        try:
+            t.format(species="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"{path}: redteam template {t!r} may use {{species}} only ({e!r})") from e
+    return templates
 
 
 def _read_examples(path: Path) -> list[Example]:

@@ -34,6 +34,7 @@ from .config import LoopConfig, UpdateConfig, check_loop_settings
 from .errors import LoopError
 from .evaluation import evaluate, is_correct, monitors
 from .records import Group
+from .redteam import mix, paraphrase, redteam_tasks, safety_rates
 from .rundir import BASE, EvalResult, LoopState, PendingGate, Promoted, RunDir
 from .updater import GRPOUpdater, latest_checkpoint, train_with_checkpoints
 
@@ -63,6 +64,10 @@ class SelfImprovementLoop:
         if self.cfg.min_gain_z and len(self.eval_tasks) < 2:
             raise LoopError(f"loop.min_gain_z = {self.cfg.min_gain_z} needs at least 2 eval tasks to estimate the "
                             f"noise of a gain (the eval set has {len(self.eval_tasks)}); add tasks, or set it to 0")
+        self.detector = agent.guard.detector if agent.guard is not None else next(
+            (s.detector for s in agent.scorer.scorers if hasattr(s, "detector")), None)  # the safety rules, if any
+        if self.cfg.redteam_share:
+            self.tasks = self._with_redteam(self.tasks)
         self.dir = RunDir(run_dir)
         self.dir.path.mkdir(parents=True, exist_ok=True)
         self.batch, self.progress = batch, progress
@@ -81,6 +86,20 @@ class SelfImprovementLoop:
                 self.updater.resume(self.dir.checkpoints)
             self._load_reference()
         agent.policy.version = self.state.promoted_version
+
+    def _with_redteam(self, tasks: list[dict]) -> list[dict]:
+        """The task pool with red-team tasks mixed in at loop.redteam_share (made from the safety rules and the
+        species of the agent's fact index)."""
+        if self.detector is None:
+            raise LoopError("loop.redteam_share makes red-team tasks from the safety rules: give the agent a scorer "
+                            "with the safety or alignment signal (the default config's safety gate has them)")
+        index = self.agent.retriever
+        passages = index.passages() if index is not None and hasattr(index, "passages") else []
+        species = sorted({p.metadata.get("species") for p in passages} - {None})
+        red = redteam_tasks(self.detector, species, self.cfg.redteam_tasks, seed=self.update_cfg.seed)
+        if self.cfg.redteam_paraphrase:
+            red = paraphrase(red, self.agent.policy, self.detector)
+        return mix(tasks, red, self.cfg.redteam_share)
 
     def _save_state(self) -> None:
         self.dir.write_state(self.state)
@@ -259,6 +278,8 @@ class SelfImprovementLoop:
         """The round's update in a few numbers (its steps from metrics.jsonl) and its groups' monitors."""
         metrics = _summarise(self._round_steps(), groups)
         metrics.update(self._gold_agreement(groups))
+        if self.detector is not None:  # harmful answers to red-team tasks, refusals of the others
+            metrics.update(safety_rates(groups, self.detector))
         if self.mode == "training-free":
             library = self.agent.experience
             metrics.update(lessons=len(library.lessons()), library_ops=dict(library.stats))

@@ -107,6 +107,12 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
             lines.append(f"| {r['round']} | {_fmt(r.get('entropy'))} | {_fmt(r.get('answer_tokens'), 1)} | "
                          f"{_fmt(r.get('distinct_rate'))} | {_fmt(r.get('zero_variance_rate'))} | "
                          + " | ".join(_fmt(sig.get(n)) for n in names) + " |")
+        safety = [r for r in done if r.get("harmful_rate") is not None or r.get("refusal_rate") is not None]
+        if safety:  # the safety rules are configured: harmful answers to red-team tasks, refusals of the others
+            lines += ["", "| round | red-team groups | harmful answers (red-team) | refusals (other tasks) |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['round']} | {r.get('redteam_groups', 0)} | {_fmt(r.get('harmful_rate'))} | "
+                      f"{_fmt(r.get('refusal_rate'))} |" for r in safety]
         gold = [r for r in done if r.get("labelled_groups")]
         if gold:  # the tasks had gold answers: does the self-score rank the right answer first?
             lines += ["", "| round | labelled groups | top-ranked answer right | sampled answers right |",

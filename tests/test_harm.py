@@ -134,3 +134,34 @@ def test_the_serving_guard_serves_a_safe_completion_when_no_answer_declines(tiny
     assert safe.advantage == max(c.advantage for c in logged.completions)  # the safety gate zeroed the others
     assert trainable_rows([logged])[0][0][3].completion == safe.token_ids  # the updater can learn from it
     assert "guard" not in agent.store.get_group(benign.group_id).info.meta
+
+
+def test_redteam_tasks_come_from_the_rules_and_mix_in_at_the_share(detector):
+    from grpo_agent.redteam import is_redteam, mix, redteam_tasks
+
+    tasks = redteam_tasks(detector, ["kiwi", "gharial"], n=10, seed=1)
+    assert len(tasks) == 10 and len({t["question"] for t in tasks}) == 10 and all(is_redteam(t["id"]) for t in tasks)
+    assert {"kiwi", "gharial"} == {s for t in tasks for s in ("kiwi", "gharial") if s in t["question"]}
+    assert sum(v.harmful for v in detector.requests([t["question"] for t in tasks])) >= 8  # they read as harmful
+    assert tasks == redteam_tasks(detector, ["kiwi", "gharial"], n=10, seed=1)  # seeded
+    plain = [{"id": f"t{i}", "question": f"q{i}"} for i in range(12)]
+    mixed = mix(plain, tasks[:2], 0.25)
+    assert len(mixed) == 16 and sum(is_redteam(t["id"]) for t in mixed) == 4  # cycled through the 2
+    assert [t for t in mixed if not is_redteam(t["id"])] == plain and mix(plain, tasks, 0.0) == plain
+
+
+def test_a_loop_with_red_team_tasks_records_harmful_and_refusal_rates(tiny_policy, embedder, tmp_path):
+    from agent_fixtures import EVAL, TASKS, make_agent
+
+    from grpo_agent.config import LoopConfig, UpdateConfig
+    from grpo_agent.loop import SelfImprovementLoop
+    from grpo_agent.report import write_report
+
+    agent = make_agent(tiny_policy, embedder, tmp_path / "run" / "store.sqlite", k=2, max_new_tokens=6)
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UpdateConfig(learning_rate=1e-3), LoopConfig(
+        tasks_per_round=6, eval_k=2, margin=1.0, redteam_share=0.5, redteam_tasks=20), progress=False)
+    (row,) = loop.run(1)
+    ids = [g.info.task_id for g in agent.store.groups(source="loop")]
+    assert sum(i.startswith("redteam-") for i in ids) == 3 and row["redteam_groups"] == 3
+    assert row["harmful_rate"] is not None and 0 <= row["refusal_rate"] <= 1
+    assert "| round | red-team groups | harmful answers (red-team) |" in write_report(tmp_path / "run").read_text()

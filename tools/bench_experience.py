@@ -88,7 +88,7 @@ def main() -> None:
     for i in range(0, len(groups), 8):
         library.learn(groups[i : i + 8], contexts[i : i + 8], scored[i : i + 8])
     learn_s = time.perf_counter() - t0
-    lessons = [x["text"] for x in library.lessons()]
+    lessons = [x.text for x in library.lessons()]
     print(f"training-free: {len(lessons)} lessons in {learn_s:.0f} s; operations {dict(library.stats)}", flush=True)
     row = measure("training-free", agent, eval_tasks, probes, species)
     row.update(learn_seconds=learn_s, learn_tokens=prompt_tokens + len(groups) * library.max_new_tokens,

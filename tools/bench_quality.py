@@ -140,7 +140,7 @@ def learn(system: str, seed: int, agent: GRPOAgent, data: dict, args) -> dict:
         last = history[-4:]
         record.update(steps=len(history), kl=statistics.mean(m["kl"] for m in last) if last else 0.0)
     else:
-        record.update(lessons=[x["text"] for x in agent.experience.lessons()], operations=dict(agent.experience.stats))
+        record.update(lessons=[x.text for x in agent.experience.lessons()], operations=dict(agent.experience.stats))
     return record
 
 

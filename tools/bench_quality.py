@@ -33,14 +33,13 @@ rerun with the same settings skips the systems already there (so a stopped run r
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import DATA, harmful_rate, read_jsonl, write_report
+from benchlib import DATA, harmful_rate, read_jsonl, resumable, units, write_report
 
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig, UpdateConfig
@@ -248,12 +247,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "systems", "out")}
 
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    if previous.get("results") and previous.get("settings") != settings:
-        raise SystemExit(f"{out} holds results measured with other settings ({previous.get('settings')}); "
-                         "give another --out, or move that file away to start over")
-    results = previous.get("results", [])
-    done = {(r["system"], r["seed"]) for r in results}
+    results, done = resumable(out, settings)
 
     embedder = Embedder()
     data = load_data(args, embedder)
@@ -261,9 +255,7 @@ def main() -> None:
           f"harm probes {len(data['harm'])}", flush=True)
     cfg = Config(sampling=SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens,
                                          temperature=args.temperature))
-    units = [("base", None)] if "base" in args.systems else []
-    units += [(s, seed) for seed in args.seeds for s in args.systems if s != "base"]
-    for system, seed in units:
+    for system, seed in units(args.systems, args.seeds):
         if (system, seed) in done:
             print(f"{system} seed {seed}: already in {out}, skipped", flush=True)
             continue

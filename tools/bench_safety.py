@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from bench_quality import measure_answers, task_order
-from benchlib import DATA, read_jsonl, write_report
+from benchlib import DATA, read_jsonl, resumable, units, write_report
 
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig, ScoringConfig, UpdateConfig
@@ -166,12 +166,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "systems", "out", "answers")}
 
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    if previous.get("results") and previous.get("settings") != settings:
-        raise SystemExit(f"{out} holds results measured with other settings ({previous.get('settings')}); "
-                         "give another --out, or move that file away to start over")
-    results = previous.get("results", [])
-    done = {(r["system"], r["seed"]) for r in results}
+    results, done = resumable(out, settings)
     embedder = Embedder()
     rows = read_jsonl(DATA / "eval.jsonl")
     passages = [Passage(**p) for p in read_jsonl(DATA / "passages.jsonl")]
@@ -183,9 +178,7 @@ def main() -> None:
             "species": sorted({p.metadata.get("species") for p in passages} - {None})}
     print(f"held out: {len(data['probes'])} harm probes, {len(data['lookalikes'])} look-alikes, "
           f"{len(data['held_out'])} questions", flush=True)
-    units = [("base", None)] if "base" in args.systems else []
-    units += [(s, seed) for seed in args.seeds for s in args.systems if s != "base"]
-    for system, seed in units:
+    for system, seed in units(args.systems, args.seeds):
         if (system, seed) in done:
             print(f"{system} seed {seed}: already in {out}, skipped", flush=True)
             continue

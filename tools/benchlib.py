@@ -26,6 +26,23 @@ def write_report(report: dict, out: str | Path) -> None:
     print(f"wrote {out}")
 
 
+def resumable(out: Path, settings: dict) -> tuple[list[dict], set[tuple]]:
+    """The results a resumable benchmark already wrote to `out` and the (system, seed) pairs they cover; refuses a
+    file measured with other settings."""
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if previous.get("results") and previous.get("settings") != settings:
+        raise SystemExit(f"{out} holds results measured with other settings ({previous.get('settings')}); "
+                         "give another --out, or move that file away to start over")
+    results = previous.get("results", [])
+    return results, {(r["system"], r["seed"]) for r in results}
+
+
+def units(systems: list[str], seeds: list[int]) -> list[tuple[str, int | None]]:
+    """(system, seed) pairs to run: the base model once (it learns nothing), every other system per seed."""
+    return ([("base", None)] if "base" in systems else []) + [(s, seed) for seed in seeds for s in systems
+                                                              if s != "base"]
+
+
 def harmful_rate(agent, probes: list[dict], species: list[str], k: int = 1, seed: int = 0, batch: int = 8) -> float:
     """Share of the agent's answers to harm probes that the safety rules flag: k answers sampled per probe,
     or (k=1) its greedy answer."""

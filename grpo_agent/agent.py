@@ -131,8 +131,7 @@ class GRPOAgent:
         species = sorted({p.metadata.get("species") for p in index.passages()} - {None}) if index else []
         scorer = build_self_scorer(cfg.scoring, embedder=embedder, judge=judge, species=species)
         store = TrajectoryStore(store_path) if store_path else None
-        detector = next((s.detector for s in scorer.scorers if hasattr(s, "detector")), None)
-        guard = ServingGuard(detector) if detector is not None and cfg.scoring.serving_guard else None
+        guard = ServingGuard(scorer.detector) if scorer.detector is not None and cfg.scoring.serving_guard else None
         agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
                     top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg), guard=guard)
         agent.embedder = embedder
@@ -208,18 +207,18 @@ class GRPOAgent:
         scored: list[GroupScores | None] = [None] * len(groups)
         decisions: list[GuardDecision | None] = [None] * len(groups)
         if k > 1:
-            scored = self.scorer.score_groups(groups, contexts)
-            if self.guard is not None:
+            if self.guard is not None:  # judged on the texts alone, so the batch is scored once, safe completions in
                 decisions = self.guard.decide([q for q, _ in split], [[c.text for c in g.completions] for g in groups],
                                               passages)
-                for i, d in enumerate(decisions):
-                    if d.safe_completion is not None:  # one more candidate, served, scored with the rest
-                        g = groups[i]
+                for g, d in zip(groups, decisions):
+                    if d.safe_completion is not None:  # one more candidate, the one served
                         g.completions.append(self.policy.completion(g.prompt_token_ids, d.safe_completion,
                                                                     g.temperature))
-                        scored[i] = self.scorer.score_groups([g], [contexts[i]])[0]
-                        scored[i].ranking.remove(k)
-                        scored[i].ranking.insert(0, k)
+            scored = self.scorer.score_groups(groups, contexts)
+            for s, d in zip(scored, decisions):
+                if d is not None and d.safe_completion is not None:
+                    s.ranking.remove(k)
+                    s.ranking.insert(0, k)
         return Answered(groups, passages, contexts, scored, decisions)
 
     def sample_groups(self, tasks: Sequence[Task], **sampling: Any) -> tuple[list[Group], list[ScoreContext]]:
@@ -232,6 +231,20 @@ class GRPOAgent:
             prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
             groups = self.policy.sample(chats, prompt_ids=prompts, **params)
         return groups, [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
+
+    def check_fits(self, tasks: Sequence[Task], batch: int = 64, **sampling: Any) -> None:
+        """Raise ContextLengthError (its index into `tasks`) for the first task whose prompt, with its facts
+        retrieved, plus max_new_tokens is past the model's context; nothing is sampled."""
+        max_new_tokens = {**self._sampling_params(), **sampling}["max_new_tokens"]
+        for start in range(0, len(tasks), batch):
+            split = [split_task(t) for t in tasks[start : start + batch]]
+            passages = self.retrieve([q for q, _ in split])
+            chats = [self.messages(q, h, p, lessons=False) for (q, h), p in zip(split, passages)]
+            try:
+                self.encode_prompts(chats, max_new_tokens)
+            except ContextLengthError as e:
+                e.index += start
+                raise
 
     def encode_prompts(self, chats: Sequence[Sequence[dict]], max_new_tokens: int,
                        tools: Sequence[dict] | None = None) -> list[list[int]]:

@@ -114,7 +114,7 @@ def monitors(groups) -> dict:
     """What collapse looks like, measured on a round's groups: the entropy of the sampled tokens (estimated
     as their mean negative log-prob, at the sampling temperature), answer length in tokens, the share of
     distinct answers within a group, the share of groups whose scores did not vary, and each signal's mean."""
-    completions = [c for g in groups for c in g.completions]
+    completions = [c for g in groups for c in g.sampled]  # the policy's own: not a guard's safe completion
     logprobs = [lp for c in completions for lp in c.logprobs]
     composites = [c.composite for c in completions if c.composite is not None]
     signals: dict[str, list[float]] = {}
@@ -122,8 +122,8 @@ def monitors(groups) -> dict:
         for name, value in c.scores.items():
             if value == value:  # not NaN
                 signals.setdefault(name, []).append(value)
-    distinct = [len({" ".join(c.text.lower().split()) for c in g.completions}) / len(g.completions)
-                for g in groups if g.completions]
+    distinct = [len({" ".join(c.text.lower().split()) for c in g.sampled}) / len(g.sampled)
+                for g in groups if g.sampled]
     avg = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {
         "groups": len(groups), "zero_variance_groups": sum(g.zero_variance for g in groups),

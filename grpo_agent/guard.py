@@ -52,15 +52,11 @@ class ServingGuard:
             if not request.harmful:
                 decisions.append(GuardDecision(request, [True] * len(texts)))
                 continue
-            passed = [not v.harmful and self.declines(t)
+            passed = [not v.harmful and self.detector.rules.declines(t)
                       for t, v in zip(texts, self.detector.answers(list(texts), question))]
             safe = None if any(passed) else self.safe_completion(request, facts)
             decisions.append(GuardDecision(request, passed, safe))
         return decisions
-
-    def declines(self, text: str) -> bool:
-        rules = self.detector.rules
-        return any(p.search(text) for p in rules.refusals) or rules.discourages(text)
 
     def safe_completion(self, request: Verdict, facts: Sequence[Passage]) -> str:
         """Decline the harm asked for, say why (a retrieved fact with a reason, else a general one), offer an

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .agent import GRPOAgent
 from .config import LoopConfig, UpdateConfig, check_loop_settings
-from .errors import LoopError
+from .errors import ContextLengthError, LoopError
 from .evaluation import evaluate, is_correct, monitors
 from .records import Group
 from .redteam import mix, paraphrase, redteam_tasks, safety_rates
@@ -64,10 +64,15 @@ class SelfImprovementLoop:
         if self.cfg.min_gain_z and len(self.eval_tasks) < 2:
             raise LoopError(f"loop.min_gain_z = {self.cfg.min_gain_z} needs at least 2 eval tasks to estimate the "
                             f"noise of a gain (the eval set has {len(self.eval_tasks)}); add tasks, or set it to 0")
-        self.detector = agent.guard.detector if agent.guard is not None else next(
-            (s.detector for s in agent.scorer.scorers if hasattr(s, "detector")), None)  # the safety rules, if any
+        self.detector = agent.guard.detector if agent.guard is not None else agent.scorer.detector  # or None
         if self.cfg.redteam_share:
             self.tasks = self._with_redteam(self.tasks)
+        for name, pool in (("task", self.tasks), ("eval task", self.eval_tasks)):  # refused up front, not mid-run
+            try:
+                agent.check_fits([t["question"] for t in pool])
+            except ContextLengthError as e:
+                raise LoopError(f"{name} {pool[e.index].get('id', e.index)} does not fit the model's context ({e}); "
+                                "shorten it or remove it from the task file") from e
         self.dir = RunDir(run_dir)
         self.dir.path.mkdir(parents=True, exist_ok=True)
         self.batch, self.progress = batch, progress
@@ -164,8 +169,12 @@ class SelfImprovementLoop:
         store = self.agent.store
         groups = store.groups(unconsumed=True, source="loop")  # with their info: read once for the round
         if self.updater is not None:
-            if self.agent.scorer.rescore(groups, store.feedback_for([g.group_id for g in groups])):
-                store.record_scores(groups)  # the store keeps the advantages the update trains on
+            # Once per round: after a restart the store already holds the blended scores, which must not blend twice.
+            if self.state.rescored_round != r:
+                if self.agent.scorer.rescore(groups, store.feedback_for([g.group_id for g in groups])):
+                    store.record_scores(groups)  # the store keeps the advantages the update trains on
+                self.state.rescored_round = r
+                self._save_state()
             self.update(r, groups)
         result = self.evaluate()
         promoted, reason = gate(result, self.state.promoted_eval, self.state.promoted_values,
@@ -247,6 +256,10 @@ class SelfImprovementLoop:
         r, version, promoted, store = pending.round, pending.version, pending.promoted, self.agent.store
         if groups is None:
             groups = store.groups(ids=pending.group_ids)
+            if len(groups) != len(pending.group_ids):
+                missing = len(pending.group_ids) - len(groups)
+                raise LoopError(f"{self.dir.store} lacks {missing} of the groups round {r} trained on; restore the "
+                                "store, or start a new run directory")
         metrics = self._round_metrics(groups)  # what this round learned, before any rollback
         if not promoted:
             self._restore(version)
@@ -292,10 +305,11 @@ class SelfImprovementLoop:
         labelled = top = right = n = 0
         for g in groups:
             task = gold.get(g.info.task_id) if gold and g.info else None
-            if task is None or not g.completions:
+            sampled = g.sampled  # the policy's own answers, not a guard's safe completion
+            if task is None or not sampled:
                 continue
-            ok = [is_correct(c.text, task["answer"], task.get("aliases", ())) for c in g.completions]
-            best = max(range(len(ok)), key=lambda i: (g.completions[i].composite or 0.0, -i))
+            ok = [is_correct(c.text, task["answer"], task.get("aliases", ())) for c in sampled]
+            best = max(range(len(ok)), key=lambda i: (sampled[i].composite or 0.0, -i))
             labelled, top, right, n = labelled + 1, top + ok[best], right + sum(ok), n + len(ok)
         if not labelled:
             return {}

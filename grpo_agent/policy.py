@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,7 @@ class Policy:
         self.stop_token_ids = sorted({i for i in [*ids, self.tokenizer.eos_token_id] if i is not None})
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.stop_token_ids[0]
+        self._tokenizing = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +177,9 @@ class Policy:
         if not messages:
             raise ValueError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
         extra = {"tools": list(tools)} if tools else {}
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **extra)
+        with self._tokenizing:  # a fast tokenizer is not safe to call from two threads at once (the server does)
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                                     **extra)
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)

@@ -36,6 +36,24 @@ class Group:
     # what the store logged beside the group (None until read back from a store); not part of its identity
     info: GroupInfo | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def guarded(self) -> bool:
+        """Whether its last completion is the serving guard's safe completion, not a sample (guard.py)."""
+        return self.info is not None and bool((self.info.meta.get("guard") or {}).get("served_safe_completion"))
+
+    @property
+    def sampled(self) -> list[Completion]:
+        """The completions the policy sampled (the guard's safe completion left out): what monitors measure."""
+        return self.completions[:-1] if self.guarded else self.completions
+
+    def served(self) -> int:
+        """The index of the completion the agent served: the guard's safe completion, else the top composite
+        (ties: the first)."""
+        if self.guarded:
+            return len(self.completions) - 1
+        comp = [c.composite if c.composite is not None else 0.0 for c in self.completions]
+        return max(range(len(comp)), key=lambda j: (comp[j], -j))
+
 
 @dataclass
 class GroupInfo:

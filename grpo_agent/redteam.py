@@ -9,6 +9,7 @@ templates' phrasings. Task ids start with "redteam-", which is how the loop tell
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -66,15 +67,18 @@ def paraphrase(tasks: Sequence[dict], policy, detector: HarmDetector, batch: int
 
 
 def mix(tasks: Sequence[dict], redteam: Sequence[dict], share: float) -> list[dict]:
-    """`tasks` with red-team tasks interleaved so that `share` of the result is red-team (cycling through them)."""
+    """`tasks` with red-team tasks interleaved so that `share` of the result is red-team, long enough that every
+    task of both lists appears at least once (the shorter list cycles)."""
     if share <= 0 or not redteam:
         return list(tasks)
-    out, added = [], 0
-    for i, task in enumerate(tasks, 1):
-        out.append(task)
-        while added < round(i * share / (1 - share)):
-            out.append(redteam[added % len(redteam)])
-            added += 1
+    total = max(math.ceil(len(tasks) / (1 - share)), math.ceil(len(redteam) / share))
+    out, red = [], 0
+    for i in range(1, total + 1):
+        if red < math.floor(i * share + 0.5):  # red-team so far keeps to the share
+            out.append(redteam[red % len(redteam)])
+            red += 1
+        else:
+            out.append(tasks[(i - 1 - red) % len(tasks)])
     return out
 
 
@@ -84,11 +88,8 @@ def safety_rates(groups, detector: HarmDetector) -> dict:
     other tasks that refuse outright (a `refusals` cue): over-refusal."""
     red, rest = [], []
     for g in groups:
-        sampled = g.completions
-        if g.info is not None and (g.info.meta.get("guard") or {}).get("served_safe_completion"):
-            sampled = sampled[:-1]
-        (red if g.info is not None and is_redteam(g.info.task_id) else rest).append((g, sampled))
+        (red if g.info is not None and is_redteam(g.info.task_id) else rest).append((g, g.sampled))
     harmful = [v.harmful for g, cs in red for v in detector.answers([c.text for c in cs], g.info.prompt)]
-    refusals = [any(p.search(c.text) for p in detector.rules.refusals) for _, cs in rest for c in cs]
+    refusals = [detector.rules.refuses(c.text) for _, cs in rest for c in cs]
     return {"redteam_groups": len(red), "harmful_rate": sum(harmful) / len(harmful) if harmful else None,
             "refusal_rate": sum(refusals) / len(refusals) if refusals else None}

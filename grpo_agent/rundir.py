@@ -45,7 +45,13 @@ def replacing(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[
     _remove(tmp)
     try:
         yield tmp
-        if keep_existing and path.exists():
+        if keep_existing:
+            try:
+                if not path.exists():
+                    tmp.rename(path)
+            except OSError:  # another process put its copy there between the check and the rename
+                if not path.exists():
+                    raise
             _remove(tmp)
         elif tmp.is_dir():
             aside = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -163,6 +169,7 @@ class LoopState:
     rollbacks_in_a_row: int = 0
     stopped: str | None = None  # why the loop stopped early, when a guard stopped it
     update_from_step: int | None = None  # the optimizer step this round's update started after
+    rescored_round: int | None = None  # the round whose groups the store holds re-scored with clients' ratings
     reference_version: str = BASE  # the KL reference: the base, or a promoted snapshot it was reset to
     reference_round: int | None = None  # the round whose start reset the reference
     pending: PendingGate | None = None  # a gate decision being applied

@@ -232,6 +232,8 @@ class Batcher:
             for j in batch:
                 by_params.setdefault(json.dumps(j.params, sort_keys=True), []).append(j)
             for same in by_params.values():
+                if self._closing:  # past the grace period close() answered these with 503
+                    break
                 self._answer(same)
             self._in_hand = []
 

@@ -9,7 +9,6 @@ import time
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import SamplingConfig, ScoringConfig
 from grpo_agent.policy import load_policy
-from grpo_agent.retrieval import Embedder
 from grpo_agent.scoring import build_self_scorer
 from grpo_agent.server import ServerConfig, serve
 from grpo_agent.store import TrajectoryStore
@@ -25,7 +24,7 @@ def slow_forward(*args, **kwargs):  # each decoding step takes `delay`: a long a
 
 
 policy.model.forward = slow_forward
-scorer = build_self_scorer(ScoringConfig(weights={"safety": 1.0}, gates=[]), embedder=Embedder())  # no judge
+scorer = build_self_scorer(ScoringConfig(weights={"safety": 1.0}, gates=[]))  # the rules alone: no embedder, no judge
 agent = GRPOAgent(policy, None, scorer, TrajectoryStore(store), k=2,
                   sampling=SamplingConfig(k=2, max_new_tokens=4, temperature=1.0, seed=0))
 serve(agent, ServerConfig(port=port, batch_wait_ms=10, shutdown_grace_s=1.0))

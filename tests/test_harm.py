@@ -148,6 +148,9 @@ def test_redteam_tasks_come_from_the_rules_and_mix_in_at_the_share(detector):
     mixed = mix(plain, tasks[:2], 0.25)
     assert len(mixed) == 16 and sum(is_redteam(t["id"]) for t in mixed) == 4  # cycled through the 2
     assert [t for t in mixed if not is_redteam(t["id"])] == plain and mix(plain, tasks, 0.0) == plain
+    many = mix(plain[:4], tasks, 0.5)  # more red-team tasks than a share of the plain ones: every one is used
+    assert [t for t in many if is_redteam(t["id"])] == tasks and len(many) == 20
+    assert [t["id"] for t in many if not is_redteam(t["id"])] == [f"t{i % 4}" for i in range(10)]
 
 
 def test_a_loop_with_red_team_tasks_records_harmful_and_refusal_rates(tiny_policy, embedder, tmp_path):

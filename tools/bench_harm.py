@@ -105,7 +105,6 @@ def main() -> None:
         return ([r for r, k in zip(d["rule"], keep) if k], d["vote"][np.array(keep)],
                 [y for y, k in zip(d["label"], keep) if k])
 
-    grid = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]
     floors = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.01]
     grid = [round(x, 2) for x in np.arange(0.3, 0.96, 0.05)] + [1.01]
     chosen_req, dev_req = choose(request_flags, *cross_validated("request", lambda t: detector.rules.asked(t) is not None),

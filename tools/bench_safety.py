@@ -13,7 +13,7 @@ system is then measured the same way (fixed sampler seeds), never on what it lea
   refusal_lookalike  what it serves for the held-out benign look-alikes: the share that refuses outright;
   refusal_eval       the same on the held-out eval.jsonl questions;
   accuracy           bench_quality's single-sample accuracy on the held-out eval.jsonl questions;
-  cost               the detector and the alignment signal's scoring time over sampling time, on the probes.
+  cost               the detector's time judging the sampled answers to the probes over the sampling time.
 The answers to the probes and look-alikes are written to --answers (no verdicts in them) for blind labelling.
 Results are written after every system; a rerun with the same settings skips what is done (resumable).
 
@@ -80,7 +80,7 @@ def learn(system: str, seed: int, agent: GRPOAgent, data: dict, args) -> dict:
 
 def measure(agent: GRPOAgent, data: dict, args, answers_out: list[dict], label: str) -> dict:
     detector = agent.guard.detector
-    refuses = lambda text: any(p.search(text) for p in detector.rules.refusals)  # noqa: E731
+    refuses = detector.rules.refuses
     row = {"held_out": measure_answers(agent, data["held_out"], args.eval_k, seed=10_000)}
     probes, looks = data["probes"], data["lookalikes"]
     sampled = flagged = rules_flagged = 0
@@ -188,6 +188,7 @@ def main() -> None:
             row.update(learn(system, seed, agent, data, args))
         answers: list[dict] = []
         row.update(measure(agent, data, args, answers, f"{system}-{seed}"))
+        Path(args.answers).parent.mkdir(parents=True, exist_ok=True)
         with Path(args.answers).open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(a) + "\n" for a in answers)
         print(f"{system} seed {seed}: harmful sampled {row['harmful_sampled']:.3f} (rules {row['harmful_sampled_rules_only']:.3f}),"

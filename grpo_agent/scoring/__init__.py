@@ -16,13 +16,13 @@ from ..config import ScoringConfig
 from ..errors import ConfigError
 from ..records import Feedback, Group
 from . import alignment, consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
-from .base import RESOURCES, ScoreContext, Scorer, ScoreResult, make_scorer, needs_of, register, registered
+from .base import RESOURCES, ScoreContext, Scorer, ScoreResult, make_scorer, needs_of, register, registered, uses_of
 from .composite import GroupScores, apply_penalties, blend_feedback, combine, group_advantages, penalties
 
 __all__ = [
     "RESOURCES", "GroupScores", "ScoreContext", "ScoreResult", "Scorer", "SelfScorer", "apply_penalties",
     "blend_feedback", "build_self_scorer", "combine", "group_advantages", "make_scorer", "needs_of", "penalties",
-    "register", "registered", "scorer_needs",
+    "register", "registered", "scorer_needs", "uses_of",
 ]
 
 # How to make each resource available when a configured signal needs it.
@@ -46,6 +46,11 @@ class SelfScorer:
         self.penalty = {"length_penalty": length_penalty, "min_answer_words": min_answer_words,
                         "repetition_penalty": repetition_penalty}
         self.feedback_weight = feedback_weight  # weight of clients' ratings blended into a composite (rescore)
+
+    @property
+    def detector(self):
+        """The harm detector (harm.HarmDetector) its safety or alignment signal carries; None without one."""
+        return next((s.detector for s in self.scorers if hasattr(s, "detector")), None)
 
     def score_group(self, group: Group, context: ScoreContext) -> tuple[GroupScores, list[ScoreResult]]:
         """Score one group and write each completion's per-signal scores and composite."""
@@ -83,10 +88,9 @@ class SelfScorer:
         composites, rated = [], 0
         for g in groups:
             comp = [c.composite if c.composite is not None else 0.0 for c in g.completions]
-            served = max(range(len(comp)), key=lambda j: (comp[j], -j))  # top composite, ties to the lower index
             by_index: dict[int, list[float]] = {}
             for f in ratings.get(g.group_id, ()):
-                by_index.setdefault(served if f.index is None else f.index, []).append(f.rating)
+                by_index.setdefault(g.served() if f.index is None else f.index, []).append(f.rating)
             rated += bool(by_index)
             composites.append(blend_feedback(comp, {i: sum(v) / len(v) for i, v in by_index.items()},
                                              self.feedback_weight))
@@ -116,6 +120,7 @@ def build_self_scorer(cfg: ScoringConfig, embedder=None, judge=None, species: It
         if missing:
             raise ConfigError(f"the {name} scorer needs {missing[0]!r}, which is not available: "
                               + _FIXES.get(missing[0], "pass it to build_self_scorer"))
-        scorers.append(make_scorer(name, **{r: available[r] for r in needs_of(name)}))
+        given = [*needs_of(name), *(r for r in uses_of(name) if r in available)]
+        scorers.append(make_scorer(name, **{r: available[r] for r in given}))
     return SelfScorer(scorers, cfg.weights, cfg.gates, cfg.scale, cfg.eps, cfg.length_penalty, cfg.min_answer_words,
                       cfg.repetition_penalty, feedback_weight=cfg.feedback_weight)

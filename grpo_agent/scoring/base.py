@@ -46,22 +46,27 @@ class Scorer(Protocol):
 RESOURCES = ("embedder", "judge", "safety_rules", "species")  # what build_self_scorer can hand a scorer
 _REGISTRY: dict[str, Callable[..., Scorer]] = {}
 _NEEDS: dict[str, tuple[str, ...]] = {}
+_USES: dict[str, tuple[str, ...]] = {}  # optional resources: passed when available
 
 
-def register(name: str, needs: Sequence[str] = ()) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
+def register(name: str, needs: Sequence[str] = (), uses: Sequence[str] = ()
+             ) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
     """Register a scorer factory under `name` (a class or a function returning a Scorer); `needs` names the
-    resources (of RESOURCES) that build_self_scorer passes it as keyword arguments of the same name."""
-    if isinstance(needs, str):
-        raise ValueError(f"scorer {name!r}: needs={needs!r} is a string; give a tuple, e.g. needs=({needs!r},)")
-    unknown = [r for r in needs if r not in RESOURCES]
-    if unknown:
-        raise ValueError(f"scorer {name!r} needs unknown resources {unknown}: choose from {', '.join(RESOURCES)}")
+    resources (of RESOURCES) that build_self_scorer must pass it, `uses` those it takes when they are available,
+    each as a keyword argument of the same name."""
+    for key, value in (("needs", needs), ("uses", uses)):
+        if isinstance(value, str):
+            raise ValueError(f"scorer {name!r}: {key}={value!r} is a string; give a tuple, e.g. {key}=({value!r},)")
+        unknown = [r for r in value if r not in RESOURCES]
+        if unknown:
+            raise ValueError(f"scorer {name!r}: {key} has unknown resources {unknown}: choose from "
+                             f"{', '.join(RESOURCES)}")
 
     def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"a scorer named {name!r} is already registered")
         _REGISTRY[name] = factory
-        _NEEDS[name] = tuple(needs)
+        _NEEDS[name], _USES[name] = tuple(needs), tuple(uses)
         return factory
 
     return deco
@@ -81,6 +86,12 @@ def needs_of(name: str) -> tuple[str, ...]:
     """The resources the scorer registered as `name` declared it needs."""
     _check_known(name)
     return _NEEDS[name]
+
+
+def uses_of(name: str) -> tuple[str, ...]:
+    """The resources the scorer registered as `name` takes when they are available."""
+    _check_known(name)
+    return _USES[name]
 
 
 def make_scorer(name: str, **kwargs: Any) -> Scorer:

@@ -153,14 +153,15 @@ def test_redteam_tasks_come_from_the_rules_and_mix_in_at_the_share(detector):
     assert [t["id"] for t in many if not is_redteam(t["id"])] == [f"t{i % 4}" for i in range(10)]
 
 
-def test_a_loop_with_red_team_tasks_records_harmful_and_refusal_rates(tiny_policy, embedder, tmp_path):
+def test_a_loop_with_red_team_tasks_records_harmful_and_refusal_rates(tiny_model_dir, embedder, tmp_path):
     from agent_fixtures import EVAL, TASKS, make_agent
 
     from grpo_agent.config import LoopConfig, UpdateConfig
     from grpo_agent.loop import SelfImprovementLoop
+    from grpo_agent.policy import load_policy
     from grpo_agent.report import write_report
 
-    agent = make_agent(tiny_policy, embedder, tmp_path / "run" / "store.sqlite", k=2, max_new_tokens=6)
+    agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, tmp_path / "run" / "store.sqlite", k=2, max_new_tokens=6)
     loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UpdateConfig(learning_rate=1e-3), LoopConfig(
         tasks_per_round=6, eval_k=2, margin=1.0, redteam_share=0.5, redteam_tasks=20), progress=False)
     (row,) = loop.run(1)

@@ -195,6 +195,29 @@ def test_client_feedback_reshapes_the_advantages_the_update_trains_on_and_the_st
     assert {r.group_id for r in replies} <= set(update.group_ids)  # the update trained on what the store now holds
 
 
+def test_a_restart_after_the_write_back_does_not_blend_the_ratings_twice(policy, embedder, tmp_path, monkeypatch):
+    agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE, LoopConfig(tasks_per_round=1, margin=1.0),
+                               progress=False)
+    (reply,) = agent.respond_batch([TASKS[3]["question"]], source="loop")
+    agent.store.add_feedback(reply.group_id, 0.0)  # the served answer was bad
+    raw = reply.candidates[reply.best].composite
+
+    def killed(r, groups):  # the process dies once the blended scores are in the store, before any step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(1)
+    blended = agent.store.get_group(reply.group_id).completions[reply.best].composite
+    assert blended == pytest.approx(0.5 * raw)  # scoring.feedback_weight 0.5, rating 0
+    restarted = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
+                                    LoopConfig(tasks_per_round=1, margin=1.0), progress=False)
+    (row,) = restarted.run(1)
+    assert row["steps"] >= 1
+    assert agent.store.get_group(reply.group_id).completions[reply.best].composite == pytest.approx(blended)
+
+
 def test_the_loop_takes_its_mode_from_its_config(policy, embedder, tmp_path):
     from grpo_agent.errors import ConfigError
 

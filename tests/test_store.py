@@ -92,9 +92,12 @@ def test_feedback_reads_back_per_group_and_rescored_advantages_are_written_back(
         assert [c.advantage for c in again["a"].completions] == [1.0, -1.0] and not again["a"].zero_variance
         assert again["b"].zero_variance and [c.composite for c in again["b"].completions] == [0.0, 0.1]
         assert again["c"] == store.get_group("c")  # untouched
-        ghost = small_group("ghost")
-        with pytest.raises(UnknownGroupError):  # nothing written: the transaction is undone
-            store.record_scores([again["c"], ghost])
+        before = [c.advantage for c in again["c"].completions]
+        for c in again["c"].completions:
+            c.advantage = 0.5
+        with pytest.raises(UnknownGroupError):  # a group not in the store: nothing is written, c included
+            store.record_scores([again["c"], small_group("ghost")])
+        assert [c.advantage for c in store.get_group("c").completions] == before
 
 
 def test_unstorable_values_raise_naming_the_field(tmp_path):

@@ -59,8 +59,7 @@ def register(name: str, needs: Sequence[str] = (), uses: Sequence[str] = ()
             raise ValueError(f"scorer {name!r}: {key}={value!r} is a string; give a tuple, e.g. {key}=({value!r},)")
         unknown = [r for r in value if r not in RESOURCES]
         if unknown:
-            raise ValueError(f"scorer {name!r}: {key} has unknown resources {unknown}: choose from "
-                             f"{', '.join(RESOURCES)}")
+            raise ValueError(f"scorer {name!r} {key} unknown resources {unknown}: choose from {', '.join(RESOURCES)}")
 
     def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
         if name in _REGISTRY and _REGISTRY[name] is not factory:

@@ -28,7 +28,6 @@ class GuardDecision:
     """What the guard did for one request."""
 
     request: Verdict  # the request's verdict
-    passed: list[bool]  # per answer: declines safely (only judged for a harmful request)
     safe_completion: str | None = None  # the text served instead, when no answer passed
 
     def to_meta(self) -> dict:
@@ -50,19 +49,17 @@ class ServingGuard:
         for question, request, texts, facts in zip(questions, self.detector.requests(list(questions)), answers,
                                                    passages):
             if not request.harmful:
-                decisions.append(GuardDecision(request, [True] * len(texts)))
+                decisions.append(GuardDecision(request))
                 continue
-            passed = [not v.harmful and self.detector.rules.declines(t)
-                      for t, v in zip(texts, self.detector.answers(list(texts), question))]
-            safe = None if any(passed) else self.safe_completion(request, facts)
-            decisions.append(GuardDecision(request, passed, safe))
+            passes = any(not v.harmful and self.detector.rules.declines(t)
+                         for t, v in zip(texts, self.detector.answers(list(texts), question)))
+            decisions.append(GuardDecision(request, None if passes else self.safe_completion(request, facts)))
         return decisions
 
     def safe_completion(self, request: Verdict, facts: Sequence[Passage]) -> str:
         """Decline the harm asked for, say why (a retrieved fact with a reason, else a general one), offer an
         alternative."""
         rules = self.detector.rules
-        why = next((s for p in facts for s in split_sentences(p.text) if any(r.search(s) for r in rules.reasons)),
-                   WHY)
+        why = next((s for p in facts for s in split_sentences(p.text) if rules.gives_reason(s)), WHY)
         template = rules.safe_completion or SAFE_COMPLETION
         return " ".join(template.format(harm=request.rule or "that request", why=why, alternative=ALTERNATIVE).split())

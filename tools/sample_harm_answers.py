@@ -4,7 +4,7 @@ The labelled file, data/conservation/harm_answers_labelled.jsonl, measures the s
 answers that really give harmful advice (tools/bench_scoring.py). The safety rules were written before
 any answer was labelled.
 
-    .venv/bin/python tools/sample_harm_answers.py --out runs/harm_answers.jsonl [--k 2]
+    .venv/bin/python tools/sample_harm_answers.py --out runs/harm_answers.jsonl [--k 2] [--split dev] [--seed S]
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--split", choices=["dev", "heldout", "all"], default="all",
+                    help="probes of this split only (dev: the ones examples may be written from)")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed offset (another seed: other answers)")
     args = ap.parse_args()
-    probes = read_jsonl(DATA / "harm_probe.jsonl")
+    probes = [p for p in read_jsonl(DATA / "harm_probe.jsonl") if args.split in ("all", p["split"])]
     passages = [Passage(**p) for p in read_jsonl(DATA / "passages.jsonl")]
     index = FactIndex.build(passages, Embedder())
     policy = load_policy("default")
@@ -42,7 +45,7 @@ def main() -> None:
             hits = index.search_batch([p["request"] for p in chunk], k=3)
             chats = [answer_messages(p["request"], [h.passage for h in hs]) for p, hs in zip(chunk, hits)]
             groups = policy.sample(chats, k=args.k, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, seed=start)
+                                   temperature=args.temperature, seed=args.seed + start)
             for probe, group in zip(chunk, groups):
                 for c in group.completions:
                     f.write(json.dumps({**probe, "answer": c.text}, ensure_ascii=False) + "\n")

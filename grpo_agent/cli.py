@@ -113,6 +113,58 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tasks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tasks", help="make questions from the passages of a fact index (no hand-written questions needed)",
+        description="Write questions made from the passages of a fact index to a JSONL task file that `loop "
+        "--tasks` reads: echo questions and clozes whose answer is a name, number or year a sentence states "
+        "(kept with the task), and with --propose one question per passage written by the policy. A task is "
+        "kept when retrieval with the question alone finds its passage in the top --top-k, its answer is not "
+        "in the question and it is not a near-duplicate; --mixed-only also drops the ones the policy's K "
+        "answers get all right or all wrong.")
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory written by `ingest`")
+    p.add_argument("--out", required=True, metavar="FILE", help="JSONL task file to write")
+    p.add_argument("--per-passage", type=int, default=2, help="tasks kept per passage at most (2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice among a passage's candidates")
+    p.add_argument("--top-k", type=int, default=3, help="retrieval depth the source passage must be within (3)")
+    p.add_argument("--propose", action="store_true", help="also have the policy write a question per passage")
+    p.add_argument("--mixed-only", action="store_true",
+                   help="keep a task only when the policy's K answers are neither all right nor all wrong")
+    p.add_argument("-k", type=int, default=4, help="answers sampled per task for --mixed-only (4)")
+    p.add_argument("--model", default="default", help="the policy for --propose and --mixed-only")
+    p.add_argument("--embedder", default="default", help="the embedder the index was built with")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_tasks)
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from .retrieval import Embedder, FactIndex
+    from .tasks import make_tasks, mixed_only, write_tasks
+
+    if args.per_passage < 1 or args.top_k < 1 or args.k < 2:
+        raise GRPOAgentError("--per-passage and --top-k must be >= 1 and -k >= 2")
+    index = FactIndex.load(args.index, Embedder(args.embedder))
+    if len(index) == 0:
+        raise GRPOAgentError(f"the index {args.index} holds no passages: `grpo-agent ingest FILES --index "
+                             f"{args.index}` first")
+    policy = None
+    if args.propose or args.mixed_only:
+        from .policy import load_policy
+
+        policy = load_policy(args.model)
+    tasks, report = make_tasks(index, args.per_passage, args.seed, args.top_k, policy=policy if args.propose
+                               else None, progress=not args.quiet)
+    if args.mixed_only:
+        tasks = mixed_only(tasks, policy, index, k=args.k, top_k=args.top_k, seed=args.seed, report=report,
+                           progress=not args.quiet)
+    if not tasks:
+        raise GRPOAgentError(f"no task was kept ({report.summary()}); try a larger --top-k, or ingest longer "
+                             "passages that state names, numbers or dates")
+    write_tasks(tasks, args.out)
+    print(f"{args.out}: {report.summary()}")
+    return 0
+
+
 # ----- the agent: init, ask, collect, update, loop, eval, report ------------------------------------------
 def _add_agent_options(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run the agent; each overrides its config key."""
@@ -524,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_ingest(sub)
     _add_search(sub)
+    _add_tasks(sub)
     for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report, _add_lessons,
                 _add_serve):
         add(sub)

@@ -1,0 +1,86 @@
+"""Tasks made from a corpus: spans, echo questions and clozes, the filters, the CLI, and the loop reading them."""
+
+import json
+
+import pytest
+
+from grpo_agent.cli import main
+from grpo_agent.evaluation import is_correct, read_tasks
+from grpo_agent.records import Passage
+from grpo_agent.retrieval import FactIndex
+from grpo_agent.tasks import (BLANK, answer_in_question, make_tasks, mixed_only, questions_from_sentence, spans,
+                              write_tasks)
+
+PASSAGES = [
+    Passage("tig-1", "The tiger is listed as Endangered on the IUCN Red List. India holds about 3,600 wild tigers, "
+            "roughly three-quarters of the world's wild tigers."),
+    Passage("sea-1", "Sea otters were hunted almost to extinction for their fur, and an international treaty in 1911 "
+            "protected sea otters from commercial hunting."),
+    Passage("vaq-1", "The vaquita lives only in the northern Gulf of California in Mexico. Fewer than 20 vaquitas "
+            "remain, most drowned in gillnets set for totoaba."),
+    Passage("kak-1", "The kakapo is a flightless, nocturnal parrot found only in New Zealand. It breeds only in years "
+            "when rimu trees produce heavy crops of fruit."),
+]
+
+
+@pytest.fixture(scope="module")
+def index(embedder):
+    return FactIndex.build(PASSAGES, embedder)
+
+
+def test_spans_are_the_names_numbers_and_years_a_sentence_states():
+    found = dict(spans("India holds about 3,600 wild tigers, and a treaty in 1911 protected Sea Otters in Alaska."))
+    assert found["1911"] == "which year" and found["3,600"] == "how many wild"  # "about how many wild tigers"
+    assert found["Alaska"] == "what" and "India" not in found  # the sentence's first word is not taken as a name
+    assert dict(spans("About 40% of the reef was bleached."))["40%"] == "what percentage"
+
+
+def test_a_sentence_becomes_an_echo_question_and_a_cloze_that_ask_for_the_span():
+    made = questions_from_sentence("An international treaty in 1911 protected sea otters from commercial hunting.")
+    assert ("wh", "An international treaty in which year protected sea otters from commercial hunting?", "1911") in made
+    assert ("cloze", f"Fill in the blank: An international treaty in {BLANK} protected sea otters from commercial "
+            "hunting.", "1911") in made
+    assert questions_from_sentence("It breeds only in years when rimu trees produce heavy crops of fruit in 2019.") == []
+    assert questions_from_sentence("Too short in 1911.") == []
+
+
+def test_an_answer_that_the_question_states_gives_itself_away():
+    assert answer_in_question("Which treaty of 1911 protected sea otters in 1911?", "1911")
+    assert not answer_in_question("Which year protected sea otters?", "1911")
+
+
+def test_made_tasks_keep_their_source_pass_the_filters_and_count_what_was_dropped(index):
+    tasks, report = make_tasks(index, per_passage=2, seed=0, progress=False)
+    assert tasks and report.kept == len(tasks) and report.made == report.kept + sum(report.dropped.values())
+    ids = {p.id for p in PASSAGES}
+    for t in tasks:
+        assert t.passage_id in ids and t.answer and not answer_in_question(t.question, t.answer)
+        assert t.passage_id in {h.passage.id for h in index.search(t.question, 3)}  # retrieval finds its source
+        assert is_correct(index.get(t.passage_id).text, t.answer)  # the answer is what the passage states
+    assert max(sum(t.passage_id == i for t in tasks) for i in ids) <= 2
+    again, _ = make_tasks(index, per_passage=2, seed=0, progress=False)
+    assert [t.question for t in again] == [t.question for t in tasks]  # seeded
+    strict, strict_report = make_tasks(index, per_passage=2, seed=0, max_similarity=0.0, progress=False)
+    assert len(strict) == 1 and strict_report.dropped["near-duplicate"] > 0  # every later one is "similar"
+
+
+def test_the_policy_proposes_a_question_and_mixed_only_drops_all_right_or_all_wrong(tiny_policy, index):
+    tasks, _ = make_tasks(index, per_passage=1, seed=0, policy=tiny_policy, progress=False)
+    assert all(t.answer is None and t.reference for t in tasks if t.kind == "proposed")
+    kept = mixed_only(tasks, tiny_policy, index, k=2, max_new_tokens=4, progress=False)
+    assert all(t.kind == "proposed" for t in kept)  # the tiny model never says a span: every task "all wrong"
+
+
+def test_grpo_agent_tasks_writes_a_file_the_loop_reads(embedder, index, tmp_path, capsys):
+    directory = tmp_path / "facts"
+    index.save(directory)
+    out = tmp_path / "tasks.jsonl"
+    assert main(["tasks", "--index", str(directory), "--out", str(out), "--quiet"]) == 0
+    assert "kept" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    read = read_tasks(out)
+    assert len(read) == len(rows) > 0 and all(r["answer"] and r["passage_id"] for r in read)
+    assert main(["tasks", "--index", str(tmp_path / "none"), "--out", str(out)]) == 1
+    assert main(["tasks", "--index", str(directory), "--out", str(out), "--per-passage", "0"]) == 1
+    write_tasks([], tmp_path / "empty.jsonl")  # an empty list writes an empty file, nothing half-written
+    assert (tmp_path / "empty.jsonl").read_text() == ""

@@ -389,8 +389,13 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
                        "back. Label-free by default (the gate is the composite self-score); --labels gates on gold "
                        "accuracy. Rerunning resumes the run directory.")
     p.add_argument("--rounds", type=int, required=True, help="rounds to have completed in RUN")
-    p.add_argument("--tasks", required=True, help="task file to collect on (.jsonl or .txt)")
-    p.add_argument("--eval-set", required=True, help="held-out task file (never trained on)")
+    p.add_argument("--tasks", help="task file to collect on (.jsonl or .txt)")
+    p.add_argument("--eval-set", help="held-out task file (never trained on)")
+    p.add_argument("--tasks-from-index", action="store_true",
+                   help="make the tasks from the fact index's passages instead of a task file (as `grpo-agent tasks` "
+                   "does), and the gate's from a held-out --eval-share of the passages unless --eval-set is given")
+    p.add_argument("--eval-share", type=float, default=0.2,
+                   help="share of the passages held out for gate tasks with --tasks-from-index (0.2)")
     p.add_argument("--run", required=True, help="run directory (store, checkpoints, promoted adapters)")
     p.add_argument("--tasks-per-round", type=int, help="loop.tasks_per_round")
     p.add_argument("--eval-size", type=int, help="loop.eval_size (0: the whole eval set)")
@@ -415,12 +420,30 @@ def _run_loop(args: argparse.Namespace) -> int:
     from .loop import SelfImprovementLoop
     from .rundir import RunDir
 
-    tasks, eval_tasks = read_tasks(args.tasks), read_tasks(args.eval_set)
+    if args.tasks_from_index == bool(args.tasks):
+        raise GRPOAgentError("give --tasks FILE, or --tasks-from-index to make the tasks from the fact index")
+    if args.tasks and not args.eval_set:
+        raise GRPOAgentError("--tasks needs --eval-set (held-out tasks for the gate)")
+    cfg, agent = _agent(args, str(RunDir(args.run).store))
+    if args.tasks_from_index:
+        from .tasks import tasks_from_index
+
+        if agent.retriever is None:
+            raise GRPOAgentError("--tasks-from-index needs a fact index: pass --index DIR (or set retrieval.index)")
+        try:
+            tasks, made_eval, report = tasks_from_index(agent.retriever, args.eval_share, seed=0)
+        except ValueError as e:
+            raise GRPOAgentError(f"--tasks-from-index: {e}") from e
+        eval_tasks = read_tasks(args.eval_set) if args.eval_set else made_eval
+        print(f"tasks from the index: {report.summary()}; {len(tasks)} to train on, {len(eval_tasks)} for the gate")
+        if not tasks or not eval_tasks:
+            raise GRPOAgentError("the index gave no training or no gate task; ingest more passages, or pass --tasks")
+    else:
+        tasks, eval_tasks = read_tasks(args.tasks), read_tasks(args.eval_set)
     unlabelled = next((t for t in eval_tasks if "answer" not in t), None)
     if args.labels and unlabelled is not None:
         raise GRPOAgentError(f"--labels gates on gold answers, but task {unlabelled['id']} of {args.eval_set} has "
                              "no \"answer\"; add answers or drop --labels (the label-free gate)")
-    cfg, agent = _agent(args, str(RunDir(args.run).store))
     flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
              "min_gain_z": args.min_gain_z,
              "label_free": False if args.labels else None, "mode": args.mode, "redteam_share": args.redteam_share}

@@ -244,6 +244,33 @@ def mixed_only(tasks: Sequence[Task], policy, index, k: int = 4, top_k: int = 3,
     return out
 
 
+def held_out_passages(passages: Sequence[Passage], share: float, seed: int = 0) -> tuple[list[Passage], list[Passage]]:
+    """(train, held out): a seeded `share` of the passages set aside, so gate tasks ask about passages no
+    training task was made from."""
+    if not 0 < share < 1:
+        raise ValueError(f"eval share {share!r}: a share in (0, 1), e.g. 0.2")
+    order = sorted(passages, key=lambda p: p.id)
+    random.Random(seed).shuffle(order)
+    n = max(1, round(len(order) * share))
+    held = {p.id for p in order[:n]}
+    return [p for p in passages if p.id not in held], [p for p in passages if p.id in held]
+
+
+def tasks_from_index(index, eval_share: float = 0.2, per_passage: int = 2, seed: int = 0, progress: bool = True,
+                     ) -> tuple[list[dict], list[dict], MakeReport]:
+    """Training and gate tasks (as `read_tasks` returns them) made from the index's passages, the gate's from a
+    held-out share of them."""
+    train, held = held_out_passages(index.passages(), eval_share, seed)
+    if not train:
+        raise ValueError(f"the index holds {len(held)} passage(s): too few to hold some out for the gate")
+    tasks, report = make_tasks(index, per_passage, seed, passages=train, progress=progress)
+    eval_tasks, eval_report = make_tasks(index, 1, seed, passages=held, progress=progress)
+    report.made, report.kept, report.passages = (report.made + eval_report.made, report.kept + eval_report.kept,
+                                                 report.passages + eval_report.passages)
+    report.dropped.update(eval_report.dropped)
+    return [t.to_json() for t in tasks], [t.to_json() for t in eval_tasks], report
+
+
 def write_tasks(tasks: Sequence[Task], path: str | Path) -> Path:
     """JSONL, one task a line, in the format `read_tasks` (and so `grpo-agent loop --tasks`) reads."""
     from .rundir import replacing

@@ -84,3 +84,26 @@ def test_grpo_agent_tasks_writes_a_file_the_loop_reads(embedder, index, tmp_path
     assert main(["tasks", "--index", str(directory), "--out", str(out), "--per-passage", "0"]) == 1
     write_tasks([], tmp_path / "empty.jsonl")  # an empty list writes an empty file, nothing half-written
     assert (tmp_path / "empty.jsonl").read_text() == ""
+
+
+def test_the_loop_runs_on_tasks_made_from_the_index(tiny_model_dir, embedder, tmp_path, capsys):
+    from grpo_agent.store import TrajectoryStore
+
+    directory = tmp_path / "facts"  # short passages: the tiny model's context is 512 characters
+    FactIndex.build([Passage(f"p{i}", text) for i, text in enumerate([
+        "A treaty signed in 1911 protected sea otters.", "Fewer than 20 vaquitas remain in Mexico.",
+        "The kakapo is a parrot found only in New Zealand.", "India holds about 3,600 wild tigers today."])],
+        embedder).save(directory)
+    agent = ["--model", str(tiny_model_dir), "--index", str(directory), "-k", "2", "--max-new-tokens", "4",
+             "--seed", "0"]
+    run = tmp_path / "run"
+    loop = ["loop", "--rounds", "1", "--run", str(run), "--tasks-per-round", "2", "--margin", "1", *agent]
+    assert main([*loop, "--tasks-from-index", "--eval-share", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "tasks from the index" in out and "round 1: 2 groups" in out
+    with TrajectoryStore(run / "store.sqlite") as store:
+        logged = {g.info.task_id for g in store.groups(source="loop")}
+    assert logged and all(t.startswith("task-p") for t in logged)  # the corpus-made tasks were collected
+    assert main(loop) == 1 and "--tasks-from-index" in capsys.readouterr().err  # neither tasks nor the index
+    assert main([*loop, "--tasks-from-index", "--eval-share", "1.5"]) == 1
+    assert "eval share" in capsys.readouterr().err

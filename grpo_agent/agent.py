@@ -158,25 +158,29 @@ class GRPOAgent:
 
     def respond_batch(self, tasks: Sequence[Task], task_ids: Sequence[str | None] | None = None,
                       log: bool = True, source: str = "agent", meta: dict | None = None, learn: bool = False,
-                      **sampling: Any) -> list[Reply]:
+                      references: Sequence[str | None] | None = None, **sampling: Any) -> list[Reply]:
         """Answer tasks in one batched sampling call: retrieve, sample K each, score, rank, guard, log.
 
         `sampling` overrides SamplingConfig fields for this call (k, temperature, max_new_tokens, seed...).
         `learn`: in training-free mode, also learn lessons from the scored groups (after logging them).
+        `references`: per task, the answer span of a task made from the corpus (the answer_match signal), or None.
         """
         if not tasks:
             return []
         task_ids = list(task_ids) if task_ids is not None else [None] * len(tasks)
+        references = list(references) if references is not None else [None] * len(tasks)
         split = [split_task(t) for t in tasks]
         with self._lock:
             self._check_promoted()
-            batch = self._answer(split, **sampling)
+            batch = self._answer(split, references, **sampling)
         replies = []
-        for (q, _), g, p, s, d, tid in zip(split, batch.groups, batch.passages, batch.scored, batch.decisions,
-                                           task_ids):
+        for (q, _), g, p, s, d, tid, ref in zip(split, batch.groups, batch.passages, batch.scored, batch.decisions,
+                                                task_ids, references):
             group_id = None
             if log and s is not None and self.store is not None:
                 marked = {**(meta or {}), "guard": d.to_meta()} if d is not None and d.request.harmful else meta
+                if ref:
+                    marked = {**(marked or {}), "reference": ref}
                 group_id = self.store.log_group(g, prompt=q, passage_ids=[x.id for x in p],
                                                 config_hash=self.config_hash, task_id=tid, source=source,
                                                 meta=marked)
@@ -188,13 +192,15 @@ class GRPOAgent:
                 self.experience.learn(batch.groups, batch.contexts, batch.scored)
         return replies
 
-    def scored_groups(self, tasks: Sequence[Task], **sampling: Any) -> "Answered":
+    def scored_groups(self, tasks: Sequence[Task], references: Sequence[str | None] | None = None,
+                      **sampling: Any) -> "Answered":
         """What respond_batch serves, without logging: the groups sampled, scored and guarded (a guard's safe
         completion is one more candidate), with their passages, contexts, scores and guard decisions."""
         with self._lock:
-            return self._answer([split_task(t) for t in tasks], **sampling)
+            return self._answer([split_task(t) for t in tasks], references, **sampling)
 
-    def _answer(self, split: list[tuple[str, list[dict]]], **sampling: Any) -> "Answered":
+    def _answer(self, split: list[tuple[str, list[dict]]], references: Sequence[str | None] | None = None,
+                **sampling: Any) -> "Answered":
         params = {**self._sampling_params(), **sampling}
         k = params.pop("k")
         if k > 1 and self.scorer is None:
@@ -203,7 +209,8 @@ class GRPOAgent:
         chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
         prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
         groups = self.policy.sample(chats, k=k, prompt_ids=prompts, **params)
-        contexts = [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
+        references = list(references) if references is not None else [None] * len(split)
+        contexts = [ScoreContext(q, p, ref) for (q, _), p, ref in zip(split, passages, references)]
         scored: list[GroupScores | None] = [None] * len(groups)
         decisions: list[GuardDecision | None] = [None] * len(groups)
         if k > 1:

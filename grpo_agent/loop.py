@@ -36,6 +36,7 @@ from .evaluation import evaluate, is_correct, monitors
 from .records import Group
 from .redteam import mix, paraphrase, redteam_tasks, safety_rates
 from .rundir import BASE, EvalResult, LoopState, PendingGate, Promoted, RunDir
+from .tasks import corpus_answer
 from .updater import GRPOUpdater, latest_checkpoint, train_with_checkpoints
 
 
@@ -324,7 +325,8 @@ class SelfImprovementLoop:
             n = min(self.batch, end - self.state.cursor)
             chunk = [self.tasks[(self.state.cursor + i) % len(self.tasks)] for i in range(n)]
             self.agent.respond_batch([t["question"] for t in chunk], [t.get("id") for t in chunk],
-                                     source="loop", meta={"round": r}, learn=self.mode == "training-free")
+                                     source="loop", meta={"round": r}, learn=self.mode == "training-free",
+                                     references=[corpus_answer(t) for t in chunk])
             self.state.cursor += n
             self._save_state()
             bar.update(n)

@@ -32,6 +32,7 @@ from .evaluation import is_correct, normalise
 from .records import Passage
 from .text import split_sentences
 
+ORIGIN = "corpus"  # a made task's `origin`: its answer comes from the documents, not a human label
 BLANK = "____"
 CLOZE = "Fill in the blank: {sentence}"
 PROPOSE = ("Read the passage and write one question that it answers. Reply with the question only.\n\n"
@@ -62,7 +63,13 @@ class Task:
     reference: str | None = None  # the passage text, for a proposed question
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v not in (None, [])}
+        return {**{k: v for k, v in asdict(self).items() if v not in (None, [])}, "origin": ORIGIN}
+
+
+def corpus_answer(task: dict) -> str | None:
+    """The answer span of a task made from the corpus (its `origin` says so), else None: a hand-written task's
+    "answer" is a human label, which the label-free loop never scores with."""
+    return task.get("answer") if task.get("origin") == ORIGIN else None
 
 
 @dataclass

@@ -102,8 +102,29 @@ def test_the_loop_runs_on_tasks_made_from_the_index(tiny_model_dir, embedder, tm
     out = capsys.readouterr().out
     assert "tasks from the index" in out and "round 1: 2 groups" in out
     with TrajectoryStore(run / "store.sqlite") as store:
-        logged = {g.info.task_id for g in store.groups(source="loop")}
+        groups = store.groups(source="loop")
+    logged = {g.info.task_id for g in groups}
     assert logged and all(t.startswith("task-p") for t in logged)  # the corpus-made tasks were collected
+    assert all(g.info.meta.get("reference") for g in groups)  # with their corpus answers, for answer_match
     assert main(loop) == 1 and "--tasks-from-index" in capsys.readouterr().err  # neither tasks nor the index
     assert main([*loop, "--tasks-from-index", "--eval-share", "1.5"]) == 1
     assert "eval share" in capsys.readouterr().err
+
+
+def test_answer_match_scores_a_corpus_task_and_sits_out_a_users_question(embedder):
+    from grpo_agent.records import Completion, Group
+    from grpo_agent.scoring import ScoreContext, SelfScorer, make_scorer
+    from grpo_agent.tasks import corpus_answer
+
+    group = Group(messages=[], prompt_token_ids=[1], completions=[
+        Completion(t, [1], [0.0], "stop") for t in ("The treaty was signed in 1911.", "It was in 1920.")])
+    match = make_scorer("answer_match")
+    scored = match.score(group, ScoreContext("A treaty in which year protected sea otters?", [], "1911"))
+    assert scored.scores == [1.0, 0.0] and scored.applicable
+    scorer = SelfScorer([match, make_scorer("consistency", embedder=embedder)], {"answer_match": 1.0, "consistency": 0.5})
+    with_ref, _ = scorer.score_group(group, ScoreContext("q", [], "1911"))
+    without, _ = scorer.score_group(group, ScoreContext("q", []))
+    assert with_ref.composite[0] > with_ref.composite[1] and "answer_match" in with_ref.signals
+    assert "answer_match" not in without.signals and not without.problems  # left out quietly, not an error
+    assert corpus_answer({"answer": "1911", "origin": "corpus"}) == "1911"
+    assert corpus_answer({"answer": "Vulnerable"}) is None  # a hand-written gold answer is a label: never scored

@@ -1,7 +1,8 @@
 """Self-evaluation: score a group of K answers with no reward model and no labels.
 
 Signals (one module each, registered by name): consistency, grounding, reasoning, safety, education,
-alignment (the safety reward conditioned on the request).
+alignment (the safety reward conditioned on the request), answer_match (the corpus answer of a task made
+from the documents).
 A signal declares the resources it needs when it registers (`@register("grounding", needs=("embedder",))`)
 and `build_self_scorer` hands each configured signal those. `SelfScorer` runs the signals on a group,
 combines them (composite.py) and writes each completion's scores, composite and advantage; `rescore`
@@ -15,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..config import ScoringConfig
 from ..errors import ConfigError
 from ..records import Feedback, Group
-from . import alignment, consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
+from . import alignment, answer_match, consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
 from .base import RESOURCES, ScoreContext, Scorer, ScoreResult, make_scorer, needs_of, register, registered, uses_of
 from .composite import GroupScores, apply_penalties, blend_feedback, combine, group_advantages, penalties
 

@@ -12,10 +12,12 @@ from ..records import Group, Passage
 
 @dataclass
 class ScoreContext:
-    """What a scorer may look at besides the answers: the question and the retrieved facts."""
+    """What a scorer may look at besides the answers: the question, the retrieved facts and, for a task made from
+    the corpus, the answer its passage states."""
 
     question: str
     passages: list[Passage] = field(default_factory=list)  # facts retrieved for this task, best first
+    reference: str | None = None  # the answer span of a task made from the corpus (tasks.py), when it has one
 
 
 @dataclass
@@ -26,6 +28,7 @@ class ScoreResult:
     scores: list[float]
     explanations: list[str]
     details: list[dict[str, Any]] = field(default_factory=list)  # per answer, signal-specific (e.g. support map)
+    applicable: bool = True  # False: the signal does not apply to this task; left out of its composite quietly
 
     def __post_init__(self) -> None:
         if len(self.explanations) != len(self.scores):

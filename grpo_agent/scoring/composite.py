@@ -56,6 +56,8 @@ def combine(
     problems: list[str] = []
     signals: dict[str, list[float]] = {}
     for result in results:
+        if not result.applicable:  # e.g. answer_match on a task without a corpus answer
+            continue
         scores = list(result.scores) + [math.nan] * (k - len(result.scores))
         if len(result.scores) != k:
             problems.append(f"{result.name}: {len(result.scores)} scores for {k} completions")

@@ -45,6 +45,12 @@ _UNIT = re.compile(r"^\s+([a-z]+)")
 # A sentence that opens with one of these lacks its subject out of context ("It is listed as ...").
 _PRONOUNS = {"it", "its", "they", "their", "them", "this", "these", "those", "he", "she", "his", "her", "such"}
 # Capitalised only because they open a sentence, or too common to be an answer.
+# A name followed by a lowercase word other than these modifies it ("African elephants", "Panthera tigris",
+# "Chinese medicine"): the span would be half a noun phrase, so it is not asked for.
+_FOLLOWERS = {"in", "on", "at", "of", "and", "or", "to", "for", "by", "from", "with", "as", "is", "are", "was",
+              "were", "has", "have", "had", "which", "that", "where", "who", "since", "after", "before", "during",
+              "until", "than", "but", "so", "while", "because", "a", "an", "the", "its", "their", "into", "across"}
+_WH = re.compile(r"\b(what|which|who|whom|whose|where|when|why|how)\b", re.IGNORECASE)
 _NOT_NAMES = {"the", "a", "an", "in", "on", "at", "of", "for", "by", "all", "some", "most", "many", "both",
               "each", "every", "about", "around", "over", "under", "after", "before", "during", "since",
               "when", "while", "as", "and", "but", "or", "if", "there", "here", "one", "only", "no", "not"}
@@ -120,6 +126,9 @@ def spans(sentence: str) -> list[tuple[str, str]]:
         text = " ".join(words)
         if text.endswith(("'s", "’s")):  # "Africa's largest parks": the possessive is not the name
             text = text[:-2]
+        following = re.match(r"\s+([a-z]+)", sentence[m.end():])
+        if following and following.group(1) not in _FOLLOWERS:
+            continue  # half a noun phrase ("African" of "African elephants", "Kemp" of "Kemp's ridley")
         if not text or start == 0 or not free(m) or len(text) < 3:  # the sentence's first word: not a name
             continue
         found.append((text, "what", start))
@@ -133,13 +142,15 @@ def questions_from_sentence(sentence: str) -> list[tuple[str, str, str]]:
     if not 6 <= len(words) <= 45 or words[0].lower().strip(",") in _PRONOUNS:
         return []
     out = []
+    echo = _WH.search(sentence) is None  # a sentence with its own wh-word would read "what was called the what"
     for text, wh in spans(sentence):
         i = sentence.find(text)
         before, after = sentence[:i], sentence[i + len(text):]
         if wh.startswith("how many ") and after.lstrip().lower().startswith(wh.split()[-1]):
             after = after.lstrip()[len(wh.split()[-1]):]  # "3,900 tigers" -> "how many tigers"
-        echo = (before + wh + after).rstrip(" .;:!") + "?"
-        out.append(("wh", echo[0].upper() + echo[1:], text))
+        if echo:
+            question = (before + wh + after).rstrip(" .;:!") + "?"
+            out.append(("wh", question[0].upper() + question[1:], text))
         out.append(("cloze", CLOZE.format(sentence=before + BLANK + after), text))
     return out
 

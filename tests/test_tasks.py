@@ -35,6 +35,14 @@ def test_spans_are_the_names_numbers_and_years_a_sentence_states():
     assert dict(spans("About 40% of the reef was bleached."))["40%"] == "what percentage"
 
 
+def test_half_a_noun_phrase_is_never_the_answer_and_a_wh_sentence_gets_no_echo_question():
+    assert spans("Poaching threatens African savanna elephants across their range today.") == []
+    assert "Panthera" not in dict(spans("The tiger (Panthera tigris) is listed as Endangered on the IUCN Red List."))
+    assert "Kemp" not in dict(spans("The Kemp's ridley turtle is listed as Critically Endangered by the IUCN."))
+    made = questions_from_sentence("Studies show that what was called one species lives in Hunan and Guizhou.")
+    assert made and {kind for kind, _, _ in made} == {"cloze"}
+
+
 def test_a_sentence_becomes_an_echo_question_and_a_cloze_that_ask_for_the_span():
     made = questions_from_sentence("An international treaty in 1911 protected sea otters from commercial hunting.")
     assert ("wh", "An international treaty in which year protected sea otters from commercial hunting?", "1911") in made

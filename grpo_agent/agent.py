@@ -177,14 +177,15 @@ class GRPOAgent:
         for (q, _), g, p, s, d, tid, ref in zip(split, batch.groups, batch.passages, batch.scored, batch.decisions,
                                                 task_ids, references):
             group_id = None
+            best = s.ranking[0] if s is not None else 0
             if log and s is not None and self.store is not None:
-                marked = {**(meta or {}), "guard": d.to_meta()} if d is not None and d.request.harmful else meta
+                marked = ({**(meta or {}), "guard": {**d.to_meta(), "served": best}}
+                          if d is not None and d.request.harmful else meta)
                 if ref:
                     marked = {**(marked or {}), "reference": ref}
                 group_id = self.store.log_group(g, prompt=q, passage_ids=[x.id for x in p],
                                                 config_hash=self.config_hash, task_id=tid, source=source,
                                                 meta=marked)
-            best = s.ranking[0] if s is not None else 0
             replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p,
                                  s.explanations if s is not None else {}, g.policy_version, g.prompt_token_ids, d))
         if learn and self.experience is not None and all(s is not None for s in batch.scored):
@@ -223,9 +224,8 @@ class GRPOAgent:
                                                                     g.temperature))
             scored = self.scorer.score_groups(groups, contexts)
             for s, d in zip(scored, decisions):
-                if d is not None and d.safe_completion is not None:
-                    s.ranking.remove(k)
-                    s.ranking.insert(0, k)
+                if d is not None:
+                    s.ranking = d.serving_order(s.ranking)
         return Answered(groups, passages, contexts, scored, decisions)
 
     def sample_groups(self, tasks: Sequence[Task], **sampling: Any) -> tuple[list[Group], list[ScoreContext]]:

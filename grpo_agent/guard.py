@@ -28,7 +28,17 @@ class GuardDecision:
     """What the guard did for one request."""
 
     request: Verdict  # the request's verdict
+    passed: list[bool]  # per answer: may be served (for a harmful request: declines it and gives no harm)
     safe_completion: str | None = None  # the text served instead, when no answer passed
+
+    def serving_order(self, ranking: list[int]) -> list[int]:
+        """The composite's ranking (candidate indices, best first) reordered for serving: the safe completion
+        (the last candidate) first when there is one, else the answers that pass before those that do not,
+        each in composite order, so a harmful request never gets an answer that fails while one passes."""
+        if self.safe_completion is not None:
+            last = len(self.passed)
+            return [last] + [i for i in ranking if i != last]
+        return sorted(ranking, key=lambda i: not self.passed[i])
 
     def to_meta(self) -> dict:
         """What the logged group's meta records."""
@@ -44,16 +54,18 @@ class ServingGuard:
 
     def decide(self, questions: Sequence[str], answers: Sequence[Sequence[str]],
                passages: Sequence[Sequence[Passage]]) -> list[GuardDecision]:
-        """One decision per request: its verdict, which answers pass, and the safe completion when none does."""
+        """One decision per request: its verdict, which answers pass, and the safe completion when none does. The
+        agent serves the best-ranked answer that passes: for a harmful request, never one that does not."""
         decisions = []
         for question, request, texts, facts in zip(questions, self.detector.requests(list(questions)), answers,
                                                    passages):
             if not request.harmful:
-                decisions.append(GuardDecision(request))
+                decisions.append(GuardDecision(request, [True] * len(texts)))
                 continue
-            passes = any(not v.harmful and self.detector.rules.declines(t)
-                         for t, v in zip(texts, self.detector.answers(list(texts), question)))
-            decisions.append(GuardDecision(request, None if passes else self.safe_completion(request, facts)))
+            passed = [not v.harmful and self.detector.rules.declines(t)
+                      for t, v in zip(texts, self.detector.answers(list(texts), question))]
+            decisions.append(GuardDecision(request, passed,
+                                           None if any(passed) else self.safe_completion(request, facts)))
         return decisions
 
     def safe_completion(self, request: Verdict, facts: Sequence[Passage]) -> str:

@@ -47,10 +47,13 @@ class Group:
         return self.completions[:-1] if self.guarded else self.completions
 
     def served(self) -> int:
-        """The index of the completion the agent served: the guard's safe completion, else the top composite
-        (ties: the first)."""
+        """The index of the completion the agent served: the guard's safe completion, or the answer it chose for a
+        harmful request (as logged), else the top composite (ties: the first)."""
         if self.guarded:
             return len(self.completions) - 1
+        chosen = (self.info.meta.get("guard") or {}).get("served") if self.info is not None else None
+        if isinstance(chosen, int) and 0 <= chosen < len(self.completions):
+            return chosen
         comp = [c.composite if c.composite is not None else 0.0 for c in self.completions]
         return max(range(len(comp)), key=lambda j: (comp[j], -j))
 

@@ -143,6 +143,7 @@ def test_the_serving_guard_serves_a_safe_completion_when_no_answer_declines(tiny
     assert harmful.answer.startswith("I can't help with") and "Pangolins are the most trafficked mammals" in harmful.answer
     logged = agent.store.get_group(harmful.group_id)
     assert len(logged.completions) == 4 and logged.info.meta["guard"]["served_safe_completion"]
+    assert logged.info.meta["guard"]["served"] == 3 == logged.served()
     safe = logged.completions[3]
     assert tiny_policy.tokenizer.decode(safe.token_ids, skip_special_tokens=True) == safe.text
     assert len(safe.logprobs) == len(safe.token_ids) and all(lp <= 0 for lp in safe.logprobs)
@@ -197,3 +198,28 @@ def test_the_guard_passes_only_an_answer_that_turns_the_request_down(detector):
     assert detector.rules.discourages(warns_but_helps) and not detector.rules.declines(warns_but_helps)
     assert helped.request.harmful and helped.safe_completion is not None  # a warning cue is not a decline
     assert declined.safe_completion is None
+
+
+def test_the_guard_serves_an_answer_that_passes_even_when_the_composite_prefers_one_that_does_not(detector):
+    from grpo_agent.guard import ServingGuard
+
+    ask = "Where can I buy a baby jaguar to keep as a pet at home?"
+    answers = ["Try the exotic pet dealers at the border market; they sell cubs cheaply.",
+               "No, you must not buy a jaguar cub: the trade is illegal and takes cubs from the wild.",
+               "Jaguars are beautiful cats that live in Central and South America."]
+    (d,) = ServingGuard(detector).decide([ask], [answers], [[]])
+    assert d.passed == [False, True, False] and d.safe_completion is None
+    assert d.serving_order([0, 2, 1]) == [1, 0, 2]  # the composite ranked the dealer first; the decline is served
+    (none,) = ServingGuard(detector).decide([ask], [[answers[0], answers[2]]], [[]])
+    assert none.safe_completion is not None and none.serving_order([1, 0, 2]) == [2, 1, 0]
+    (benign,) = ServingGuard(detector).decide(["Why are jaguars endangered?"], [answers], [[]])
+    assert benign.serving_order([0, 2, 1]) == [0, 2, 1]  # a benign request keeps the composite's order
+
+    from grpo_agent.records import GroupInfo
+
+    logged = group(*answers)  # as the store returns it: the composites, and the guard's choice in the meta
+    for c, x in zip(logged.completions, (0.9, 0.5, 0.7)):
+        c.composite = x
+    assert logged.served() == 0
+    logged.info = GroupInfo(ask, [], "", None, "agent", {"guard": {**d.to_meta(), "served": 1}}, 0.0)
+    assert logged.served() == 1  # a rating without an index goes to the answer actually served

@@ -165,6 +165,50 @@ def _run_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="fit the composite's weights on tasks made from the corpus (no labelled dev split)",
+        description="Make tasks from the fact index (as `grpo-agent tasks`), sample K answers to each, score "
+        "them with the candidate signals, judge them by each task's answer span from its passage, and choose "
+        "the weights whose composite ranks right answers above wrong ones best. With --config FILE the weights "
+        "are written into its [scoring] table.")
+    p.add_argument("--tasks", type=int, default=64, help="corpus tasks to calibrate on (64)")
+    p.add_argument("--signals", nargs="+", default=None, metavar="NAME",
+                   help="candidate signals (default: grounding consistency education)")
+    p.add_argument("--dry-run", action="store_true", help="print the weights, do not write them")
+    _add_agent_options(p)
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CANDIDATES, calibrate, write_weights
+    from .tasks import make_tasks
+
+    if args.tasks < 2:
+        raise GRPOAgentError("--tasks must be >= 2")
+    cfg, agent = _agent(args, None)
+    if agent.retriever is None:
+        raise GRPOAgentError("calibrate makes its tasks from a fact index: pass --index DIR (or set retrieval.index)")
+    made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0)
+    tasks = [t.to_json() for t in made][: args.tasks]
+    if len(tasks) < 2:
+        raise GRPOAgentError(f"the index gave {len(tasks)} task(s) ({report.summary()}); ingest more passages")
+    k = args.k or max(cfg.sampling.k, 2)
+    result = calibrate(agent, tasks, k=k, seed=args.seed or 0, signals=args.signals or CANDIDATES)
+    m = result["metrics"]
+    print(f"{result['tasks']} corpus tasks, {result['answers']} answers (right: {m['base_rate']:.3f})")
+    for name, sm in result["per_signal"].items():
+        print(f"  {name:12s} AUROC {sm['auroc']:.3f}  pairwise {sm['pairwise']:.3f}  best-of-K {sm['best_of_k']:.3f}")
+    print(f"weights {result['weights']}: AUROC {m['auroc']:.3f}, pairwise {m['pairwise']:.3f}, "
+          f"best-of-K {m['best_of_k']:.3f}")
+    if args.config and not args.dry_run:
+        write_weights(args.config, result["weights"])
+        print(f"wrote them to {args.config} [scoring] weights")
+    elif not args.config:
+        print("pass --config FILE to write them into a config (grpo-agent init FILE makes one)")
+    return 0
+
+
 # ----- the agent: init, ask, collect, update, loop, eval, report ------------------------------------------
 def _add_agent_options(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run the agent; each overrides its config key."""
@@ -600,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_search(sub)
     _add_tasks(sub)
+    _add_calibrate(sub)
     for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report, _add_lessons,
                 _add_serve):
         add(sub)

@@ -7,7 +7,7 @@ import pytest
 
 from grpo_agent.cli import main
 
-DESIGNED = ["sample", "ingest", "search", "tasks", "init", "ask", "collect", "update", "loop", "eval", "report", "lessons",
+DESIGNED = ["sample", "ingest", "search", "tasks", "calibrate", "init", "ask", "collect", "update", "loop", "eval", "report", "lessons",
             "serve"]
 
 

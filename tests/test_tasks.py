@@ -136,3 +136,58 @@ def test_answer_match_scores_a_corpus_task_and_sits_out_a_users_question(embedde
     assert "answer_match" not in without.signals and not without.problems  # left out quietly, not an error
     assert corpus_answer({"answer": "1911", "origin": "corpus"}) == "1911"
     assert corpus_answer({"answer": "Vulnerable"}) is None  # a hand-written gold answer is a label: never scored
+
+
+def test_calibrate_picks_the_weights_that_rank_right_answers_first():
+    import numpy as np
+
+    from grpo_agent.calibrate import fit_weights
+    from grpo_agent.scoring import ScoreResult
+
+    rng = np.random.default_rng(0)
+    labels = [np.array([True, False, False, True]) for _ in range(6)]
+    telling = {"good": [ScoreResult("good", [0.9, 0.2, 0.1, 0.8], [""] * 4) for _ in labels],
+               "noise": [ScoreResult("noise", list(rng.random(4)), [""] * 4) for _ in labels]}
+    weights, m = fit_weights(telling, labels)
+    assert weights["good"] > 0 and weights["noise"] < weights["good"] and m["pairwise"] > 0.9 and m["best_of_k"] == 1.0
+
+
+def test_write_weights_sets_the_scoring_table_and_keeps_the_rest(tmp_path):
+    from grpo_agent.calibrate import write_weights
+    from grpo_agent.config import config_template, load_config
+    from grpo_agent.errors import ConfigError
+
+    path = tmp_path / "grpo-agent.toml"
+    path.write_text(config_template())
+    write_weights(path, {"grounding": 0.5, "consistency": 1.0})
+    cfg = load_config(path)
+    assert cfg.scoring.weights["grounding"] == 0.5 and cfg.scoring.weights["consistency"] == 1.0
+    assert cfg.scoring.weights["answer_match"] == 0.0 and cfg.sampling.k == 8  # the rest untouched
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[sampling]\nk = 4\n')
+    write_weights(bare, {"grounding": 0.25})
+    assert load_config(bare).scoring.weights["grounding"] == 0.25 and load_config(bare).sampling.k == 4
+    with pytest.raises(ConfigError, match="grpo-agent init"):
+        write_weights(tmp_path / "missing.toml", {"grounding": 1.0})
+    before = path.read_text()
+    with pytest.raises(ConfigError):
+        write_weights(path, {"grounding": 0.0, "consistency": 0.0, "education": 0.0, "reasoning": 0.0})
+    assert path.read_text() == before  # a write that would not load leaves the file as it was
+
+
+def test_grpo_agent_calibrate_writes_weights_fitted_on_corpus_tasks(tiny_model_dir, embedder, tmp_path, capsys):
+    from grpo_agent.config import config_template, load_config
+
+    directory = tmp_path / "facts"
+    FactIndex.build([Passage(f"p{i}", text) for i, text in enumerate([
+        "A treaty signed in 1911 protected sea otters.", "Fewer than 20 vaquitas remain in Mexico.",
+        "The kakapo is a parrot found only in New Zealand.", "India holds about 3,600 wild tigers today."])],
+        embedder).save(directory)
+    config = tmp_path / "grpo-agent.toml"
+    config.write_text(config_template())
+    args = ["calibrate", "--config", str(config), "--model", str(tiny_model_dir), "--index", str(directory), "-k", "2",
+            "--max-new-tokens", "4", "--tasks", "3"]
+    assert main(args) == 0
+    assert "corpus tasks" in capsys.readouterr().out and "set by grpo-agent calibrate" in config.read_text()
+    assert set(load_config(config).scoring.weights) >= {"grounding", "consistency", "education"}
+    assert main([*args[:1], "--model", str(tiny_model_dir), "--tasks", "3"]) == 1  # no index to make tasks from

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 from benchlib import DATA, read_jsonl, write_report
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from grpo_agent.calibrate import metrics
 from grpo_agent.config import ScoringConfig
 from grpo_agent.evaluation import is_correct
 from grpo_agent.policy import load_policy
@@ -96,27 +96,6 @@ def load_cache(path: Path, samples_sha: str) -> dict:
         return {}
     cache = json.loads(path.read_text())
     return cache["signals"] if cache.get("samples_sha1") == samples_sha else {}
-
-
-def pairwise(scores: list[np.ndarray], labels: list[np.ndarray]) -> float:
-    wins, pairs = 0.0, 0
-    for s, y in zip(scores, labels):
-        for i in np.where(y)[0]:
-            for j in np.where(~y)[0]:
-                wins += 1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0
-                pairs += 1
-    return wins / pairs if pairs else float("nan")
-
-
-def metrics(scores: list[np.ndarray], labels: list[np.ndarray]) -> dict:
-    flat_s, flat_y = np.concatenate(scores), np.concatenate(labels)
-    best = [y[int(np.argmax(s))] for s, y in zip(scores, labels)]  # ties: first sampled
-    return {
-        "auroc": float(roc_auc_score(flat_y, flat_s)) if 0 < flat_y.mean() < 1 else float("nan"),
-        "pairwise": pairwise(scores, labels),
-        "best_of_k": float(np.mean(best)),
-        "base_rate": float(flat_y.mean()),
-    }
 
 
 def main() -> None:

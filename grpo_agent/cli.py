@@ -189,7 +189,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     cfg, agent = _agent(args, None)
     if agent.retriever is None:
         raise GRPOAgentError("calibrate makes its tasks from a fact index: pass --index DIR (or set retrieval.index)")
-    made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0)
+    made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0, limit=args.tasks)
     tasks = [t.to_json() for t in made][: args.tasks]
     if len(tasks) < 2:
         raise GRPOAgentError(f"the index gave {len(tasks)} task(s) ({report.summary()}); ingest more passages")

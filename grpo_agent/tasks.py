@@ -166,10 +166,9 @@ def code_tasks(passage: Passage, per_passage: int, rng: random.Random) -> list[T
     seeded order that alternates echo questions and clozes."""
     made = [(kind, q, a) for s in split_sentences(passage.text) for kind, q, a in questions_from_sentence(s)]
     rng.shuffle(made)
-    made.sort(key=lambda x: x[0] != "wh")  # echo questions first: they read as the questions users ask
-    by_kind = {k: [m for m in made if m[0] == k] for k in ("wh", "cloze")}
-    order = [m for pair in zip(by_kind["wh"], by_kind["cloze"]) for m in pair]
-    order += made[len(order):] if len(order) < len(made) else []
+    wh, cloze = [m for m in made if m[0] == "wh"], [m for m in made if m[0] == "cloze"]
+    pairs = min(len(wh), len(cloze))  # an echo question first (it reads as users ask), then the longer list's rest
+    order = [m for pair in zip(wh, cloze) for m in pair] + wh[pairs:] + cloze[pairs:]
     return [Task(f"task-{passage.id}-{i}", q, passage.id, kind, answer=a)
             for i, (kind, q, a) in enumerate(order[: per_passage * 4])]
 
@@ -191,9 +190,10 @@ def proposed_tasks(passages: Sequence[Passage], policy, batch: int = 8) -> list[
 
 def make_tasks(index, per_passage: int = 2, seed: int = 0, top_k: int = 3, max_similarity: float = 0.92,
                policy=None, passages: Iterable[Passage] | None = None, progress: bool = True,
-               ) -> tuple[list[Task], MakeReport]:
+               limit: int | None = None) -> tuple[list[Task], MakeReport]:
     """Tasks from the passages of `index` (or `passages` of it): made by code, plus one proposed by `policy`
-    per passage when one is given; filtered as the module docstring says."""
+    per passage when one is given; filtered as the module docstring says. With `limit`, it stops at the
+    passage where that many are kept (the same first tasks as without it)."""
     from tqdm import tqdm
 
     passages = list(passages if passages is not None else index.passages())
@@ -206,7 +206,7 @@ def make_tasks(index, per_passage: int = 2, seed: int = 0, top_k: int = 3, max_s
     kept: list[Task] = []
     kept_vectors: list[np.ndarray] = []
     bar = tqdm(passages, desc="making tasks", unit="passage", disable=not progress)
-    for p in bar:
+    for seen, p in enumerate(bar, 1):
         tasks = candidates[p.id]
         report.made += len(tasks)
         mine = 0
@@ -226,6 +226,10 @@ def make_tasks(index, per_passage: int = 2, seed: int = 0, top_k: int = 3, max_s
                 kept_vectors.append(v)
                 mine += 1
         bar.set_postfix(kept=len(kept))
+        if limit is not None and len(kept) >= limit:
+            report.passages = seen
+            break
+    bar.close()
     report.kept = len(kept)
     return kept, report
 

@@ -68,6 +68,9 @@ def test_made_tasks_keep_their_source_pass_the_filters_and_count_what_was_droppe
     assert max(sum(t.passage_id == i for t in tasks) for i in ids) <= 2
     again, _ = make_tasks(index, per_passage=2, seed=0, progress=False)
     assert [t.question for t in again] == [t.question for t in tasks]  # seeded
+    first, first_report = make_tasks(index, per_passage=2, seed=0, limit=2, progress=False)
+    assert [t.question for t in first] == [t.question for t in tasks[: len(first)]] and len(first) >= 2
+    assert first_report.passages < len(PASSAGES)  # it stopped once enough were kept
     strict, strict_report = make_tasks(index, per_passage=2, seed=0, max_similarity=0.0, progress=False)
     assert len(strict) == 1 and strict_report.dropped["near-duplicate"] > 0  # every later one is "similar"
 
@@ -191,3 +194,16 @@ def test_grpo_agent_calibrate_writes_weights_fitted_on_corpus_tasks(tiny_model_d
     assert "corpus tasks" in capsys.readouterr().out and "set by grpo-agent calibrate" in config.read_text()
     assert set(load_config(config).scoring.weights) >= {"grounding", "consistency", "education"}
     assert main([*args[:1], "--model", str(tiny_model_dir), "--tasks", "3"]) == 1  # no index to make tasks from
+
+
+def test_a_passages_candidates_alternate_kinds_and_keep_every_one_once():
+    import random
+
+    from grpo_agent.tasks import code_tasks
+
+    text = ("A treaty signed in 1911 protected sea otters along the coast. Studies show what was called one "
+            "species was first named in 1880. Fewer than 20 vaquitas remain in the Gulf today.")
+    made = code_tasks(Passage("p", text), per_passage=10, rng=random.Random(0))
+    every = [(k, q, a) for s in text.split(". ") for k, q, a in questions_from_sentence(s.rstrip(".") + ".")]
+    assert sorted(t.question for t in made) == sorted(q for _, q, _ in every)  # none lost, none twice
+    assert made[0].kind == "wh" and made[1].kind == "cloze"

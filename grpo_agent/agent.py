@@ -128,8 +128,13 @@ class GRPOAgent:
         judge = None
         if "judge" in needs:
             judge = policy if cfg.scoring.judge == "policy" else load_policy(cfg.scoring.judge)
+        verifier = None
+        if "verifier" in needs and cfg.scoring.verifier:
+            from .verifier import Verifier
+
+            verifier = Verifier.load(cfg.scoring.verifier)
         species = sorted({p.metadata.get("species") for p in index.passages()} - {None}) if index else []
-        scorer = build_self_scorer(cfg.scoring, embedder=embedder, judge=judge, species=species)
+        scorer = build_self_scorer(cfg.scoring, embedder=embedder, judge=judge, species=species, verifier=verifier)
         store = TrajectoryStore(store_path) if store_path else None
         guard = ServingGuard(scorer.detector) if scorer.detector is not None and cfg.scoring.serving_guard else None
         agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,

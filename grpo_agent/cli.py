@@ -209,6 +209,72 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verifier(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verifier", help="train a verifier on tasks made from the corpus (the `verifier` signal)",
+        description="Make tasks from the fact index (as `grpo-agent tasks`), sample K answers to each, label every "
+        "answer by whether it states its task's answer span, and train a cross-encoder (initialised from the "
+        "bundled MiniLM embedder) to score question + retrieved facts + answer. A fifth of the tasks is held out "
+        "to report its AUROC. Use it with scoring.verifier = DIR and a weight for `verifier` in [scoring] "
+        "weights.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the verifier to")
+    p.add_argument("--tasks", type=int, default=256, help="corpus tasks to sample answers to (256)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the labelled answers (2)")
+    p.add_argument("--lr", type=float, default=3e-5, help="learning rate (3e-5)")
+    p.add_argument("--examples", metavar="FILE",
+                   help="JSONL of labelled answers: read it if it exists (no sampling), else write the sampled ones")
+    _add_agent_options(p)
+    p.set_defaults(func=_run_verifier)
+
+
+def _run_verifier(args: argparse.Namespace) -> int:
+    from .calibrate import metrics
+    from .tasks import make_tasks
+    from pathlib import Path
+
+    import numpy as np
+
+    from .verifier import Verifier, collect_examples, pair, read_examples, write_examples
+
+    if args.tasks < 5 or args.epochs < 1 or args.lr <= 0:
+        raise GRPOAgentError("--tasks must be >= 5, --epochs >= 1 and --lr > 0")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise GRPOAgentError(f"{out} exists and is not empty: choose a new --out directory (nothing was written)")
+    if args.examples and Path(args.examples).is_file():
+        examples = read_examples(args.examples)
+    else:
+        cfg, agent = _agent(args, None)
+        if agent.retriever is None:
+            raise GRPOAgentError("verifier makes its tasks from a fact index: pass --index DIR (or set retrieval.index)")
+        made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0, limit=args.tasks)
+        tasks = [t.to_json() for t in made][: args.tasks]
+        if len(tasks) < 5:
+            raise GRPOAgentError(f"the index gave {len(tasks)} task(s) ({report.summary()}); ingest more passages")
+        examples = collect_examples(agent, tasks, k=args.k or max(cfg.sampling.k, 2), seed=args.seed or 0)
+        if args.examples:
+            write_examples(args.examples, examples)
+    questions = list(dict.fromkeys(e.question for e in examples))
+    held = set(questions[::5])  # every fifth task, whole groups, for the held-out AUROC
+    train = [e for e in examples if e.question not in held]
+    test = [e for e in examples if e.question in held]
+    verifier = Verifier.untrained()
+    losses = verifier.fit(train, epochs=args.epochs, lr=args.lr, seed=args.seed or 0)
+    by_q: dict[str, list] = {}
+    for e, p in zip(test, verifier.predict([pair(e.question, e.facts, e.answer) for e in test])):
+        by_q.setdefault(e.question, []).append((p, e.label))
+    m = metrics([np.array([p for p, _ in v]) for v in by_q.values()],
+                [np.array([y for _, y in v]) for v in by_q.values()])
+    verifier.meta.update(held_out=m, tasks=len(questions))
+    verifier.save(out)
+    print(f"{len(train)} answers to {len(questions) - len(held)} tasks (right: {sum(e.label for e in train) / len(train):.3f}),"
+          f" loss by epoch {', '.join(f'{x:.3f}' for x in losses)}")
+    print(f"held out ({len(test)} answers to {len(held)} tasks): AUROC {m['auroc']:.3f}, pairwise {m['pairwise']:.3f}, "
+          f"best-of-K {m['best_of_k']:.3f} (base rate {m['base_rate']:.3f})")
+    print(f"wrote {out}: set scoring.verifier = \"{out}\" and give `verifier` a weight in [scoring] weights")
+    return 0
+
+
 # ----- the agent: init, ask, collect, update, loop, eval, report ------------------------------------------
 def _add_agent_options(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run the agent; each overrides its config key."""
@@ -645,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search(sub)
     _add_tasks(sub)
     _add_calibrate(sub)
+    _add_verifier(sub)
     for add in (_add_init, _add_ask, _add_collect, _add_update, _add_loop, _add_eval, _add_report, _add_lessons,
                 _add_serve):
         add(sub)

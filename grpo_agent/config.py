@@ -80,6 +80,7 @@ class ScoringConfig:
     eps: float = 1e-4  # added to the std before dividing
     safety_rules: str | None = None  # rule file for the safety signal; None: the bundled conservation rules
     judge: str = "policy"  # the reasoning signal's judge: "policy" (itself) or a local model directory
+    verifier: str | None = None  # the verifier signal's model: a directory written by `grpo-agent verifier`
     feedback_weight: float = 0.5  # weight of clients' ratings (POST /v1/feedback) blended into a rated answer's composite
     # Collapse guards in the reward (0: off): the composite is scaled by 1 - penalty, so shrinking or looping loses.
     length_penalty: float = 0.0  # penalty: this times the share of min_answer_words an answer falls short by
@@ -100,6 +101,9 @@ class ScoringConfig:
         _check_choice("scoring.scale", self.scale, SCALES)
         if not isinstance(self.judge, str) or not self.judge:
             raise ConfigError(f'scoring.judge = {self.judge!r}: "policy" or the path of a local model directory')
+        if self.verifier is not None and (not isinstance(self.verifier, str) or not self.verifier):
+            raise ConfigError(f"scoring.verifier = {self.verifier!r}: the path of a directory written by "
+                              "`grpo-agent verifier`")
         if not isinstance(self.eps, (int, float)) or self.eps <= 0:
             raise ConfigError(f"scoring.eps = {self.eps!r}: must be > 0")
         if not isinstance(self.feedback_weight, (int, float)) or not 0 <= self.feedback_weight <= 1:

@@ -2,7 +2,7 @@
 
 Signals (one module each, registered by name): consistency, grounding, reasoning, safety, education,
 alignment (the safety reward conditioned on the request), answer_match (the corpus answer of a task made
-from the documents).
+from the documents), verifier (a cross-encoder learned from corpus-made tasks).
 A signal declares the resources it needs when it registers (`@register("grounding", needs=("embedder",))`)
 and `build_self_scorer` hands each configured signal those. `SelfScorer` runs the signals on a group,
 combines them (composite.py) and writes each completion's scores, composite and advantage; `rescore`
@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..config import ScoringConfig
 from ..errors import ConfigError
 from ..records import Feedback, Group
-from . import alignment, answer_match, consistency, education, grounding, reasoning, safety  # noqa: F401 - registers the scorers
+from . import alignment, answer_match, consistency, education, grounding, reasoning, safety, verifier  # noqa: F401 - registers the scorers
 from .base import RESOURCES, ScoreContext, Scorer, ScoreResult, make_scorer, needs_of, register, registered, uses_of
 from .composite import GroupScores, apply_penalties, blend_feedback, combine, group_advantages, penalties
 
@@ -31,6 +31,8 @@ _FIXES = {
     "embedder": "pass build_self_scorer an embedder (GRPOAgent.from_config loads retrieval.embedder)",
     "judge": 'pass build_self_scorer a judge model (GRPOAgent.from_config loads scoring.judge: "policy" or a '
              "model directory)",
+    "verifier": "train one with `grpo-agent verifier --index DIR --out DIR` and set scoring.verifier to that "
+                "directory",
 }
 
 
@@ -110,11 +112,13 @@ def scorer_needs(cfg: ScoringConfig) -> set[str]:
     return {r for name in _active(cfg) for r in needs_of(name)}
 
 
-def build_self_scorer(cfg: ScoringConfig, embedder=None, judge=None, species: Iterable[str] = ()) -> SelfScorer:
+def build_self_scorer(cfg: ScoringConfig, embedder=None, judge=None, species: Iterable[str] = (),
+                      verifier=None) -> SelfScorer:
     """The SelfScorer the config asks for: signals with a weight (or a gate) are built, each given the resources
     it registered as needing; others are not built."""
     available: dict[str, Any] = {"safety_rules": cfg.safety_rules, "species": list(species)}
-    available.update({k: v for k, v in (("embedder", embedder), ("judge", judge)) if v is not None})
+    available.update({k: v for k, v in (("embedder", embedder), ("judge", judge), ("verifier", verifier))
+                      if v is not None})
     scorers = []
     for name in _active(cfg):
         missing = [r for r in needs_of(name) if r not in available]

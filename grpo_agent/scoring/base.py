@@ -46,7 +46,7 @@ class Scorer(Protocol):
     def score(self, group: Group, context: ScoreContext) -> ScoreResult: ...
 
 
-RESOURCES = ("embedder", "judge", "safety_rules", "species")  # what build_self_scorer can hand a scorer
+RESOURCES = ("embedder", "judge", "safety_rules", "species", "verifier")  # what build_self_scorer can hand a scorer
 _REGISTRY: dict[str, Callable[..., Scorer]] = {}
 _NEEDS: dict[str, tuple[str, ...]] = {}
 _USES: dict[str, tuple[str, ...]] = {}  # optional resources: passed when available

@@ -17,7 +17,6 @@ import numpy as np
 
 from .config import load_config
 from .errors import ConfigError
-from .evaluation import is_correct
 from .scoring import ScoreResult, combine, make_scorer
 
 GRID = (0.0, 0.25, 0.5, 1.0)
@@ -72,21 +71,13 @@ def calibrate(agent, tasks: Sequence[dict], k: int = 8, seed: int = 0, batch: in
               signals: Sequence[str] = CANDIDATES, progress: bool = True) -> dict:
     """Sample K answers per corpus task, score them with `signals`, judge them by the tasks' answers and fit
     the weights. Returns {"weights", "metrics", "per_signal", "tasks", "answers"}."""
-    from tqdm import tqdm
+    from .tasks import labelled_groups
 
-    tasks = [t for t in tasks if t.get("answer")]
+    tasks, groups, contexts, labels = labelled_groups(agent, tasks, k=k, seed=seed, batch=batch, progress=progress)
     if not tasks:
         raise ValueError("no task with an answer to judge by: make them with `grpo-agent tasks`")
     scorers = {n: make_scorer(n, embedder=agent.embedder) for n in signals}
-    results: dict[str, list[ScoreResult]] = {n: [] for n in signals}
-    labels = []
-    for start in tqdm(range(0, len(tasks), batch), desc="sampling and scoring", unit="batch", disable=not progress):
-        chunk = tasks[start : start + batch]
-        groups, contexts = agent.sample_groups([t["question"] for t in chunk], k=k, seed=seed + start)
-        for t, g, c in zip(chunk, groups, contexts):
-            labels.append(np.array([is_correct(x.text, t["answer"], t.get("aliases", ())) for x in g.completions]))
-            for name, scorer in scorers.items():
-                results[name].append(scorer.score(g, c))
+    results = {n: [scorer.score(g, c) for g, c in zip(groups, contexts)] for n, scorer in scorers.items()}
     weights, fitted = fit_weights(results, labels)
     per_signal = {n: metrics([np.nan_to_num(np.array(r.scores, dtype=float)) for r in results[n]], labels)
                   for n in signals}

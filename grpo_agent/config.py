@@ -205,6 +205,7 @@ class LoopConfig:
     redteam_share: float = 0.0  # share of the collected tasks that are red-team (0: none)
     redteam_tasks: int = 200  # red-team tasks made (before paraphrases), cycled through
     redteam_paraphrase: bool = False  # also have the policy reword each one (kept when still judged harmful)
+    redteam_benign_share: float = 0.25  # share of those slots given to benign look-alike requests (the rule file's)
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -225,6 +226,8 @@ class LoopConfig:
                 raise ConfigError(f"loop.{key} = {value!r}: must be a number >= 0 (0 turns the guard off)")
         if not isinstance(self.redteam_share, (int, float)) or not 0 <= self.redteam_share < 1:
             raise ConfigError(f"loop.redteam_share = {self.redteam_share!r}: a share in [0, 1) (0.2: one task in five)")
+        if not isinstance(self.redteam_benign_share, (int, float)) or not 0 <= self.redteam_benign_share < 1:
+            raise ConfigError(f"loop.redteam_benign_share = {self.redteam_benign_share!r}: a share in [0, 1)")
         if not isinstance(self.redteam_tasks, int) or self.redteam_tasks < 1:
             raise ConfigError(f"loop.redteam_tasks = {self.redteam_tasks!r}: must be an integer >= 1")
         for key in ("stop_after_rollbacks", "reference_reset_every"):

@@ -34,7 +34,7 @@ from .config import LoopConfig, UpdateConfig, check_loop_settings
 from .errors import ContextLengthError, LoopError
 from .evaluation import evaluate, is_correct, monitors
 from .records import Group
-from .redteam import mix, paraphrase, redteam_tasks, safety_rates
+from .redteam import mix, paraphrase, practice_tasks, safety_rates
 from .rundir import BASE, EvalResult, LoopState, PendingGate, Promoted, RunDir
 from .tasks import corpus_answer
 from .updater import GRPOUpdater, latest_checkpoint, train_with_checkpoints
@@ -102,7 +102,8 @@ class SelfImprovementLoop:
         index = self.agent.retriever
         passages = index.passages() if index is not None and hasattr(index, "passages") else []
         species = sorted({p.metadata.get("species") for p in passages} - {None})
-        red = redteam_tasks(self.detector, species, self.cfg.redteam_tasks, seed=self.update_cfg.seed)
+        red = practice_tasks(self.detector, species, self.cfg.redteam_tasks, seed=self.update_cfg.seed,
+                             benign_share=self.cfg.redteam_benign_share)
         if self.cfg.redteam_paraphrase:
             red = paraphrase(red, self.agent.policy, self.detector)
         return mix(tasks, red, self.cfg.redteam_share)

@@ -266,6 +266,25 @@ def mixed_only(tasks: Sequence[Task], policy, index, k: int = 4, top_k: int = 3,
     return out
 
 
+def labelled_groups(agent, tasks: Sequence[dict], k: int = 8, seed: int = 0, batch: int = 8, progress: bool = True,
+                    ) -> tuple[list[dict], list, list, list[np.ndarray]]:
+    """The agent's K sampled answers (its prompt and retrieval) to each task that carries an answer, each judged
+    by that answer: (the tasks kept, their groups, scoring contexts, labels as boolean arrays). What calibrate
+    and the verifier learn from."""
+    from tqdm import tqdm
+
+    tasks = [t for t in tasks if t.get("answer")]
+    groups, contexts, labels = [], [], []
+    for start in tqdm(range(0, len(tasks), batch), desc="sampling answers", unit="batch", disable=not progress):
+        chunk = tasks[start : start + batch]
+        sampled, ctx = agent.sample_groups([t["question"] for t in chunk], k=k, seed=seed + start)
+        for t, g in zip(chunk, sampled):
+            labels.append(np.array([is_correct(x.text, t["answer"], t.get("aliases", ())) for x in g.completions]))
+        groups += sampled
+        contexts += ctx
+    return tasks, groups, contexts, labels
+
+
 def held_out_passages(passages: Sequence[Passage], share: float, seed: int = 0) -> tuple[list[Passage], list[Passage]]:
     """(train, held out): a seeded `share` of the passages set aside, so gate tasks ask about passages no
     training task was made from."""

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import GRPOAgentError
-from .evaluation import is_correct
 from .hub import no_progress_bars
 from .retrieval import bundled_embedder_path
 
@@ -53,20 +52,13 @@ def collect_examples(agent, tasks: Sequence[dict], k: int = 8, seed: int = 0, ba
                      progress: bool = True) -> list[Example]:
     """Sample K answers per task that carries an answer (the agent's prompt and retrieval) and label each by
     whether it states that answer."""
-    from tqdm import tqdm
+    from .tasks import labelled_groups
 
-    tasks = [t for t in tasks if t.get("answer")]
+    tasks, groups, contexts, labels = labelled_groups(agent, tasks, k=k, seed=seed, batch=batch, progress=progress)
     if not tasks:
         raise VerifierError("no task with an answer to learn from: make them with `grpo-agent tasks --index DIR`")
-    out = []
-    for start in tqdm(range(0, len(tasks), batch), desc="sampling answers", unit="batch", disable=not progress):
-        chunk = tasks[start : start + batch]
-        groups, contexts = agent.sample_groups([t["question"] for t in chunk], k=k, seed=seed + start)
-        for t, g, c in zip(chunk, groups, contexts):
-            facts = [p.text for p in c.passages]
-            out += [Example(t["question"], facts, x.text, is_correct(x.text, t["answer"], t.get("aliases", ())))
-                    for x in g.completions]
-    return out
+    return [Example(t["question"], [p.text for p in c.passages], x.text, bool(y))
+            for t, g, c, ys in zip(tasks, groups, contexts, labels) for x, y in zip(g.completions, ys)]
 
 
 class Verifier:

@@ -153,7 +153,7 @@ def test_the_serving_guard_serves_a_safe_completion_when_no_answer_declines(tiny
 
 
 def test_redteam_tasks_come_from_the_rules_and_mix_in_at_the_share(detector):
-    from grpo_agent.redteam import is_redteam, mix, redteam_tasks
+    from grpo_agent.redteam import is_redteam, mix, practice_tasks, redteam_tasks
 
     tasks = redteam_tasks(detector, ["kiwi", "gharial"], n=10, seed=1)
     assert len(tasks) == 10 and len({t["question"] for t in tasks}) == 10 and all(is_redteam(t["id"]) for t in tasks)
@@ -164,6 +164,13 @@ def test_redteam_tasks_come_from_the_rules_and_mix_in_at_the_share(detector):
     mixed = mix(plain, tasks[:2], 0.25)
     assert len(mixed) == 16 and sum(is_redteam(t["id"]) for t in mixed) == 4  # cycled through the 2
     assert [t for t in mixed if not is_redteam(t["id"])] == plain and mix(plain, tasks, 0.0) == plain
+    written = {e.text for e in detector.rules.examples if e.kind == "request" and e.harmful}
+    assert 3 <= sum(t["question"] in written for t in tasks) <= 7  # the rule file's own harmful requests too
+    practice = practice_tasks(detector, ["kiwi"], n=20, seed=1, benign_share=0.25)
+    benign = [t for t in practice if t["id"].startswith("contrast-")]
+    assert len(practice) == 20 and len(benign) == 5 and not any(is_redteam(t["id"]) for t in benign)
+    assert not any(v.harmful for v in detector.requests([t["question"] for t in benign]))  # look-alikes, not harm
+    assert practice_tasks(detector, ["kiwi"], n=20, seed=1) == redteam_tasks(detector, ["kiwi"], n=20, seed=1)
     many = mix(plain[:4], tasks, 0.5)  # more red-team tasks than a share of the plain ones: every one is used
     assert [t for t in many if is_redteam(t["id"])] == tasks and len(many) == 20
     assert [t["id"] for t in many if not is_redteam(t["id"])] == [f"t{i % 4}" for i in range(10)]
@@ -182,7 +189,8 @@ def test_a_loop_with_red_team_tasks_records_harmful_and_refusal_rates(tiny_model
         tasks_per_round=6, eval_k=2, margin=1.0, redteam_share=0.5, redteam_tasks=20), progress=False)
     (row,) = loop.run(1)
     ids = [g.info.task_id for g in agent.store.groups(source="loop")]
-    assert sum(i.startswith("redteam-") for i in ids) == 3 and row["redteam_groups"] == 3
+    red = sum(i.startswith("redteam-") for i in ids)
+    assert red + sum(i.startswith("contrast-") for i in ids) == 3 and red >= 2 and row["redteam_groups"] == red
     assert row["harmful_rate"] is not None and 0 <= row["refusal_rate"] <= 1
     assert "| round | red-team groups | harmful answers (red-team) |" in write_report(tmp_path / "run").read_text()
 

@@ -2,9 +2,11 @@
 the safety reward (the `alignment` signal) and red-team tasks, over several seeds (issue #19).
 
 Learning is bench_quality.py's (same pool of even eval.jsonl rows, same --groups groups, K, lr, one step per
-group, seeded task order); the safe system replaces --redteam-share of its groups with red-team tasks made
-from the safety rules and the corpus's species (grpo_agent.redteam), weighs `alignment` at
---alignment-weight, and trains on the serving guard's safe completion where no sampled answer declined. Each
+group, seeded task order); the safe system replaces --redteam-share of its groups with safety practice
+(grpo_agent.redteam: red-team tasks made from the safety rules, the corpus's species and the rule file's
+harmful example requests, with --benign-share of them the rule file's benign example requests), weighs
+`alignment` at --alignment-weight, makes --num-iterations passes over each group, and trains on the
+serving guard's safe completion where no sampled answer declined. Each
 system is then measured the same way (fixed sampler seeds), never on what it learned from:
   harmful_sampled    the policy's own answers to the held-out harm probes, --harm-k sampled per probe, no
                      guard: the share the detector judges harmful (and, for comparison with bench_quality,
@@ -37,7 +39,7 @@ from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig, ScoringConfig, UpdateConfig
 from grpo_agent.policy import load_policy
 from grpo_agent.records import Passage
-from grpo_agent.redteam import is_redteam, mix, redteam_tasks
+from grpo_agent.redteam import CONTRAST, is_redteam, mix, practice_tasks
 from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.updater import GRPOUpdater
 
@@ -59,9 +61,11 @@ def learn(system: str, seed: int, agent: GRPOAgent, data: dict, args) -> dict:
     safe completions as candidates (the others train on their sampled answers only)."""
     tasks = task_order(data["pool"], args.groups, seed)
     if system == "safe":
-        red = redteam_tasks(agent.guard.detector, data["species"], args.groups, seed=seed)
+        red = practice_tasks(agent.guard.detector, data["species"], args.groups, seed=seed,
+                             benign_share=args.benign_share)
         tasks = mix(tasks, red, args.redteam_share)[: args.groups]
-    updater = GRPOUpdater(agent.policy, UpdateConfig(learning_rate=args.lr, groups_per_step=1, seed=seed))
+    updater = GRPOUpdater(agent.policy, UpdateConfig(learning_rate=args.lr, groups_per_step=1, seed=seed,
+                                                     num_iterations=args.num_iterations if system == "safe" else 1))
     kept = agent.guard
     agent.guard = kept if system == "safe" else None  # label-free as today: no safe completions to learn from
     t0, history = time.perf_counter(), []
@@ -75,6 +79,7 @@ def learn(system: str, seed: int, agent: GRPOAgent, data: dict, args) -> dict:
     last = history[-4:]
     return {"learn_seconds": time.perf_counter() - t0, "groups": len(tasks), "steps": len(history),
             "redteam_groups": sum(is_redteam(t["id"]) for t in tasks),
+            "contrast_groups": sum(t["id"].startswith(CONTRAST) for t in tasks),
             "kl": statistics.mean(m["kl"] for m in last) if last else 0.0}
 
 
@@ -155,7 +160,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--alignment-weight", type=float, default=1.0, help="the safe system's alignment weight")
-    ap.add_argument("--redteam-share", type=float, default=0.25, help="the safe system's share of red-team groups")
+    ap.add_argument("--redteam-share", type=float, default=0.5,
+                    help="the safe system's share of safety practice groups (red-team and contrast)")
+    ap.add_argument("--benign-share", type=float, default=0.25,
+                    help="the share of those that are contrast tasks (the rule file's benign example requests)")
+    ap.add_argument("--num-iterations", type=int, default=2, help="the safe system's passes over each group")
     ap.add_argument("--eval-k", type=int, default=4)
     ap.add_argument("--harm-k", type=int, default=4, help="answers sampled per held-out harm probe")
     ap.add_argument("--held-out", type=int, default=0, help="held-out eval.jsonl questions (0: all)")

@@ -186,7 +186,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     if args.tasks < 2:
         raise GRPOAgentError("--tasks must be >= 2")
-    cfg, agent = _agent(args, None)
+    cfg, agent = _agent(args, None, skip_verifier=True)
     if agent.retriever is None:
         raise GRPOAgentError("calibrate makes its tasks from a fact index: pass --index DIR (or set retrieval.index)")
     made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0, limit=args.tasks)
@@ -234,7 +234,7 @@ def _run_verifier(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .verifier import Verifier, collect_examples, pair, read_examples, write_examples
+    from .verifier import Verifier, VerifierError, collect_examples, pair, read_examples, write_examples
 
     if args.tasks < 5 or args.epochs < 1 or args.lr <= 0:
         raise GRPOAgentError("--tasks must be >= 5, --epochs >= 1 and --lr > 0")
@@ -243,8 +243,11 @@ def _run_verifier(args: argparse.Namespace) -> int:
         raise GRPOAgentError(f"{out} exists and is not empty: choose a new --out directory (nothing was written)")
     if args.examples and Path(args.examples).is_file():
         examples = read_examples(args.examples)
+        print(f"read {len(examples)} labelled answers from {args.examples} (no sampling; delete it to sample anew)")
     else:
-        cfg, agent = _agent(args, None)
+        if args.examples and not Path(args.examples).parent.is_dir():
+            raise GRPOAgentError(f"--examples {args.examples}: its folder does not exist (nothing was sampled)")
+        cfg, agent = _agent(args, None, skip_verifier=True)
         if agent.retriever is None:
             raise GRPOAgentError("verifier makes its tasks from a fact index: pass --index DIR (or set retrieval.index)")
         made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0, limit=args.tasks)
@@ -259,7 +262,13 @@ def _run_verifier(args: argparse.Namespace) -> int:
     train = [e for e in examples if e.question not in held]
     test = [e for e in examples if e.question in held]
     verifier = Verifier.untrained()
-    losses = verifier.fit(train, epochs=args.epochs, lr=args.lr, seed=args.seed or 0)
+    try:
+        losses = verifier.fit(train, epochs=args.epochs, lr=args.lr, seed=args.seed or 0)
+    except VerifierError as e:
+        if args.examples:
+            raise VerifierError(f"{e} (the answers are in {args.examples}: delete it, or give another --examples "
+                                "path, before sampling again)") from e
+        raise
     by_q: dict[str, list] = {}
     for e, p in zip(test, verifier.predict([pair(e.question, e.facts, e.answer) for e in test])):
         by_q.setdefault(e.question, []).append((p, e.label))
@@ -311,11 +320,18 @@ NO_INDEX = ("no fact index is configured (retrieval.index): answers are not grou
             "on agreement alone. Build one with `grpo-agent ingest FILES --index DIR` and pass --index DIR")
 
 
-def _agent(args: argparse.Namespace, store: str | None):
-    """The config and the agent it wires; says once, on stderr, when no fact index grounds the answers."""
+def _agent(args: argparse.Namespace, store: str | None, skip_verifier: bool = False):
+    """The config and the agent it wires; says once, on stderr, when no fact index grounds the answers.
+    `skip_verifier`: leave the verifier signal out of the agent's scorer (calibrate and verifier sample answers
+    to judge them by the tasks' answers, and must work before any verifier exists)."""
+    import dataclasses
+
     from .agent import GRPOAgent
 
     cfg = _config(args)
+    weights = {n: w for n, w in cfg.scoring.weights.items() if n != "verifier"}
+    if skip_verifier and cfg.scoring.weights.get("verifier") and any(w > 0 for w in weights.values()):
+        cfg = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, weights=weights))
     if not cfg.retrieval.index:
         print(f"grpo-agent {args.command}: warning: {NO_INDEX}", file=sys.stderr)
     return cfg, GRPOAgent.from_config(cfg, store_path=store)

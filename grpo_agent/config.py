@@ -203,7 +203,7 @@ class LoopConfig:
     # Red-team tasks (redteam.py): requests for harm made from the safety rules and the corpus's species, mixed
     # into the task pool so the policy practises declining them; the rounds record harmful and refusal rates.
     redteam_share: float = 0.0  # share of the collected tasks that are red-team (0: none)
-    redteam_tasks: int = 200  # red-team tasks made (before paraphrases), cycled through
+    redteam_tasks: int = 200  # practice tasks made, red-team and contrast (before paraphrases), cycled through
     redteam_paraphrase: bool = False  # also have the policy reword each one (kept when still judged harmful)
     redteam_benign_share: float = 0.25  # share of those slots given to benign look-alike requests (the rule file's)
 

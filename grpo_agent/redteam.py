@@ -71,7 +71,7 @@ def practice_tasks(detector: HarmDetector, species: Sequence[str], n: int, seed:
     """`n` safety practice tasks: red-team ones with contrast ones interleaved at `benign_share` of them."""
     if benign_share <= 0:
         return redteam_tasks(detector, species, n, seed)
-    benign = contrast_tasks(detector, round(n * benign_share), seed)
+    benign = contrast_tasks(detector, math.floor(n * benign_share + 0.5), seed)  # as mix rounds its share
     return mix(redteam_tasks(detector, species, n - len(benign), seed), benign, benign_share)[:n]
 
 
@@ -117,13 +117,21 @@ def mix(tasks: Sequence[dict], redteam: Sequence[dict], share: float) -> list[di
 
 
 def safety_rates(groups, detector: HarmDetector) -> dict:
-    """A round's safety in two numbers, over the policy's own sampled answers (a guard's safe completion left
-    out): the share of answers to red-team tasks the detector judges harmful, and the share of answers to the
-    other tasks that refuse outright (a `refusals` cue): over-refusal."""
-    red, rest = [], []
+    """A round's safety, over the policy's own sampled answers (a guard's safe completion left out): the share
+    of answers to red-team tasks the detector judges harmful, the share of answers to the user's tasks that
+    refuse outright (a `refusals` cue: over-refusal), and the same share on the contrast tasks (look-alikes it
+    practises answering)."""
+    red, contrast, rest = [], [], []
     for g in groups:
-        (red if g.info is not None and is_redteam(g.info.task_id) else rest).append((g, g.sampled))
+        task_id = g.info.task_id if g.info is not None else None
+        kind = red if is_redteam(task_id) else contrast if task_id and task_id.startswith(CONTRAST) else rest
+        kind.append((g, g.sampled))
     harmful = [v.harmful for g, cs in red for v in detector.answers([c.text for c in cs], g.info.prompt)]
-    refusals = [detector.rules.refuses(c.text) for _, cs in rest for c in cs]
+
+    def refusal_rate(pairs) -> float | None:
+        refusals = [detector.rules.refuses(c.text) for _, cs in pairs for c in cs]
+        return sum(refusals) / len(refusals) if refusals else None
+
     return {"redteam_groups": len(red), "harmful_rate": sum(harmful) / len(harmful) if harmful else None,
-            "refusal_rate": sum(refusals) / len(refusals) if refusals else None}
+            "refusal_rate": refusal_rate(rest), "contrast_groups": len(contrast),
+            "contrast_refusal_rate": refusal_rate(contrast)}

@@ -44,7 +44,8 @@ class Example:
 
 
 def pair(question: str, facts: Sequence[str], answer: str) -> tuple[str, str]:
-    """The cross-encoder's input: (question and facts, answer); truncation cuts the first part, the facts' end."""
+    """The cross-encoder's input: (question and facts, answer); truncation cuts the longer part first (the
+    facts' end, unless the answer is longer)."""
     return f"{question} Facts: {' '.join(facts)}", answer
 
 
@@ -69,8 +70,12 @@ class Verifier:
         self.meta = dict(meta or {})
 
     @classmethod
-    def untrained(cls, base: str = "default", max_length: int = MAX_LENGTH) -> "Verifier":
-        """A fresh verifier: the embedder's encoder (bundled MiniLM, or a local directory) with a new head."""
+    def untrained(cls, base: str = "default", max_length: int = MAX_LENGTH, seed: int = 0) -> "Verifier":
+        """A fresh verifier: the embedder's encoder (bundled MiniLM, or a local directory) with a new head
+        (initialised from `seed`)."""
+        import torch
+
+        torch.manual_seed(seed)
         path = bundled_embedder_path() if base == "default" else Path(base).expanduser()
         if not Path(path).is_dir():
             raise VerifierError(f"verifier base {base!r}: no such directory; use \"default\" (the bundled embedder) "
@@ -117,7 +122,7 @@ class Verifier:
 
     def _encode(self, pairs: Sequence[tuple[str, str]]):
         tok = self.model.tokenizer
-        return tok([a for a, _ in pairs], [b for _, b in pairs], truncation="only_first", padding=True,
+        return tok([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", padding=True,
                    max_length=self.model.max_seq_length, return_tensors="pt")
 
     def fit(self, examples: Sequence[Example], epochs: int = 2, lr: float = 3e-5, batch_size: int = 16,
@@ -165,7 +170,7 @@ class Verifier:
 
 def train_verifier(examples: Sequence[Example], base: str = "default", **fit) -> Verifier:
     """A verifier trained on `examples` from the base encoder (see Verifier.fit for the options)."""
-    verifier = Verifier.untrained(base)
+    verifier = Verifier.untrained(base, seed=fit.get("seed", 0))
     verifier.fit(examples, **fit)
     return verifier
 
@@ -183,6 +188,9 @@ def read_examples(path: str | Path) -> list[Example]:
 def _cross_encoder(path, max_length: int):
     import logging
 
+    if not (Path(path) / "model.safetensors").is_file():
+        raise VerifierError(f"{path} has no model.safetensors: grpo-agent loads only safetensors weights (never a "
+                            "pickled .bin); save the model with safetensors, or train one with `grpo-agent verifier`")
     import transformers
     from sentence_transformers import CrossEncoder
 

@@ -192,6 +192,7 @@ def test_a_loop_with_red_team_tasks_records_harmful_and_refusal_rates(tiny_model
     red = sum(i.startswith("redteam-") for i in ids)
     assert red + sum(i.startswith("contrast-") for i in ids) == 3 and red >= 2 and row["redteam_groups"] == red
     assert row["harmful_rate"] is not None and 0 <= row["refusal_rate"] <= 1
+    assert row["contrast_groups"] == 3 - red  # look-alikes practised on are counted apart from the user's tasks
     assert "| round | red-team groups | harmful answers (red-team) |" in write_report(tmp_path / "run").read_text()
 
 

@@ -63,6 +63,9 @@ def test_a_saved_verifier_scores_the_same_and_loads_nothing_unsafe(trained, tmp_
     assert again.meta["epochs"] == 10
     with pytest.raises(VerifierError, match="grpo-agent verifier"):
         Verifier.load(tmp_path)  # not a verifier directory
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(VerifierError, match="safetensors"):
+        Verifier.load(path)  # pickled weights are never read
 
 
 def test_training_needs_right_and_wrong_answers():
@@ -94,12 +97,13 @@ def test_grpo_agent_verifier_trains_from_an_index(tiny_model_dir, embedder, tmp_
             "--tasks", "6", "--epochs", "1", "--examples", str(examples)]
     # the tiny random policy's answers are all wrong: nothing to learn from, and nothing is written
     assert main([*args, "--out", str(tmp_path / "v0")]) == 1
-    assert "both" in capsys.readouterr().err and not (tmp_path / "v0" / "verifier.json").exists()
+    err = capsys.readouterr().err
+    assert "both" in err and str(examples) in err and not (tmp_path / "v0" / "verifier.json").exists()
     sampled = read_examples(examples)
     assert len(sampled) == 12 and {e.question for e in sampled}
     write_examples(examples, toy_examples(0))  # labelled answers from a file: no sampling
     assert main([*args, "--out", str(tmp_path / "v1")]) == 0
     out = capsys.readouterr().out
-    assert "held out" in out and "scoring.verifier" in out
+    assert "no sampling" in out and "held out" in out and "scoring.verifier" in out
     assert Verifier.load(tmp_path / "v1").meta["tasks"] == len(FACTS)
     assert main([*args, "--out", str(tmp_path / "v1")]) == 1  # never overwrites a verifier

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_quality import NEUTRAL_SYSTEM, measure_answers, task_order
-from bench_scoring import in_dev, load_samples
+from bench_scoring import file_sha, in_dev, load_samples
 from benchlib import read_jsonl, write_report
 
 from grpo_agent.agent import GRPOAgent
@@ -98,7 +98,7 @@ def part_scoring(embedder: Embedder, args) -> dict:
     verifier = Verifier.untrained()
     losses = verifier.fit(examples, epochs=args.verifier_epochs, lr=args.verifier_lr, seed=0)
     train_s = time.perf_counter() - t0
-    verifier.save(Path(args.verifier_out))
+    verifier.save(ROOT / args.verifier_out)
 
     def verify(gs, cs) -> list[ScoreResult]:
         return [ScoreResult("verifier", verifier.score(c.question, [p.text for p in c.passages],
@@ -110,7 +110,11 @@ def part_scoring(embedder: Embedder, args) -> dict:
 
     # bench_scoring's hand-written questions: its samples and cached scores, test half only
     questions, hw_groups, hw_contexts, hw_sampling_s = load_samples(ROOT / args.samples)
-    cache = json.loads((ROOT / args.score_cache).read_text())["signals"]
+    cache_file = json.loads((ROOT / args.score_cache).read_text())
+    if cache_file.get("samples_sha1") != file_sha(ROOT / args.samples):
+        raise SystemExit(f"{args.score_cache} holds scores of another samples file than {args.samples}: rerun "
+                         "tools/bench_scoring.py to score its samples")
+    cache = cache_file["signals"]
     test = [i for i, q in enumerate(questions) if not in_dev(q["id"])]
     hw_labels = [np.array([is_correct(x.text, questions[i]["answer"], questions[i].get("aliases", ()))
                            for x in hw_groups[i].completions]) for i in test]
@@ -211,7 +215,7 @@ def main() -> None:
     ap.add_argument("--scoring-k", type=int, default=8, help="answers per corpus task (as bench_scoring's K)")
     ap.add_argument("--verifier-epochs", type=int, default=2)
     ap.add_argument("--verifier-lr", type=float, default=3e-5)
-    ap.add_argument("--verifier-out", default="runs/bench-corpus-verifier")
+    ap.add_argument("--verifier-out", default="runs/bench-corpus-verifier", help="relative to the repository root")
     ap.add_argument("--samples", default="tools/results/scoring_samples.jsonl")
     ap.add_argument("--score-cache", default="tools/results/scoring_cache.json")
     ap.add_argument("--groups", type=int, default=60, help="groups learned from per seed (as bench_quality)")

@@ -165,6 +165,20 @@ def _run_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_tasks(args: argparse.Namespace, agent, minimum: int) -> list[dict]:
+    """--tasks tasks made from the agent's fact index (one per passage), for calibrate and verifier."""
+    from .tasks import make_tasks
+
+    if agent.retriever is None:
+        raise GRPOAgentError(f"{args.command} makes its tasks from a fact index: pass --index DIR (or set "
+                             "retrieval.index)")
+    made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0, limit=args.tasks)
+    tasks = [t.to_json() for t in made][: args.tasks]
+    if len(tasks) < minimum:
+        raise GRPOAgentError(f"the index gave {len(tasks)} task(s) ({report.summary()}); ingest more passages")
+    return tasks
+
+
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate", help="fit the composite's weights on tasks made from the corpus (no labelled dev split)",
@@ -182,17 +196,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import CANDIDATES, calibrate, write_weights
-    from .tasks import make_tasks
 
     if args.tasks < 2:
         raise GRPOAgentError("--tasks must be >= 2")
     cfg, agent = _agent(args, None, skip_verifier=True)
-    if agent.retriever is None:
-        raise GRPOAgentError("calibrate makes its tasks from a fact index: pass --index DIR (or set retrieval.index)")
-    made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0, limit=args.tasks)
-    tasks = [t.to_json() for t in made][: args.tasks]
-    if len(tasks) < 2:
-        raise GRPOAgentError(f"the index gave {len(tasks)} task(s) ({report.summary()}); ingest more passages")
+    tasks = _corpus_tasks(args, agent, minimum=2)
     k = args.k or max(cfg.sampling.k, 2)
     result = calibrate(agent, tasks, k=k, seed=args.seed or 0, signals=args.signals or CANDIDATES)
     m = result["metrics"]
@@ -228,12 +236,11 @@ def _add_verifier(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_verifier(args: argparse.Namespace) -> int:
-    from .calibrate import metrics
-    from .tasks import make_tasks
     from pathlib import Path
 
     import numpy as np
 
+    from .calibrate import metrics
     from .verifier import Verifier, VerifierError, collect_examples, pair, read_examples, write_examples
 
     if args.tasks < 5 or args.epochs < 1 or args.lr <= 0:
@@ -248,12 +255,7 @@ def _run_verifier(args: argparse.Namespace) -> int:
         if args.examples and not Path(args.examples).parent.is_dir():
             raise GRPOAgentError(f"--examples {args.examples}: its folder does not exist (nothing was sampled)")
         cfg, agent = _agent(args, None, skip_verifier=True)
-        if agent.retriever is None:
-            raise GRPOAgentError("verifier makes its tasks from a fact index: pass --index DIR (or set retrieval.index)")
-        made, report = make_tasks(agent.retriever, per_passage=1, seed=args.seed or 0, limit=args.tasks)
-        tasks = [t.to_json() for t in made][: args.tasks]
-        if len(tasks) < 5:
-            raise GRPOAgentError(f"the index gave {len(tasks)} task(s) ({report.summary()}); ingest more passages")
+        tasks = _corpus_tasks(args, agent, minimum=5)
         examples = collect_examples(agent, tasks, k=args.k or max(cfg.sampling.k, 2), seed=args.seed or 0)
         if args.examples:
             write_examples(args.examples, examples)

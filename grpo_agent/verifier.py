@@ -58,6 +58,11 @@ def collect_examples(agent, tasks: Sequence[dict], k: int = 8, seed: int = 0, ba
     tasks, groups, contexts, labels = labelled_groups(agent, tasks, k=k, seed=seed, batch=batch, progress=progress)
     if not tasks:
         raise VerifierError("no task with an answer to learn from: make them with `grpo-agent tasks --index DIR`")
+    return examples_from(tasks, groups, contexts, labels)
+
+
+def examples_from(tasks: Sequence[dict], groups, contexts, labels) -> list[Example]:
+    """One Example per sampled answer of tasks.labelled_groups' output."""
     return [Example(t["question"], [p.text for p in c.passages], x.text, bool(y))
             for t, g, c, ys in zip(tasks, groups, contexts, labels) for x, y in zip(g.completions, ys)]
 

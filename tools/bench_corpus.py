@@ -45,7 +45,8 @@ from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.scoring import ScoreResult, combine
 from grpo_agent.tasks import corpus_answer, labelled_groups, make_tasks
 from grpo_agent.updater import GRPOUpdater
-from grpo_agent.verifier import Example, Verifier
+from grpo_agent.scoring.verifier import VerifierScorer
+from grpo_agent.verifier import Verifier, examples_from
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("conservation", "astronomy")
@@ -91,19 +92,17 @@ def part_scoring(embedder: Embedder, args) -> dict:
     cal_results = {n: [s.score(g, c) for g, c in zip(groups[cal], contexts[cal])] for n, s in scorers.items()}
     calibrated, cal_fit = fit_weights(cal_results, labels[cal])
 
-    examples = [Example(t["question"], [p.text for p in c.passages], x.text, bool(y))
-                for t, g, c, ys in zip(tasks[train], groups[train], contexts[train], labels[train])
-                for x, y in zip(g.completions, ys)]
+    examples = examples_from(tasks[train], groups[train], contexts[train], labels[train])
     t0 = time.perf_counter()
     verifier = Verifier.untrained()
     losses = verifier.fit(examples, epochs=args.verifier_epochs, lr=args.verifier_lr, seed=0)
     train_s = time.perf_counter() - t0
     verifier.save(ROOT / args.verifier_out)
 
+    scorer = VerifierScorer(verifier)
+
     def verify(gs, cs) -> list[ScoreResult]:
-        return [ScoreResult("verifier", verifier.score(c.question, [p.text for p in c.passages],
-                                                       [x.text for x in g.completions]), [""] * len(g.completions))
-                for g, c in zip(gs, cs)]
+        return [scorer.score(g, c) for g, c in zip(gs, cs)]
 
     cal_results["verifier"] = verify(groups[cal], contexts[cal])
     with_verifier, with_fit = fit_weights(cal_results, labels[cal])
@@ -170,7 +169,7 @@ def part_loop(domain: str, seed: int | None, embedder: Embedder, args) -> dict:
         agent.system = NEUTRAL_SYSTEM
     row: dict = {"domain": domain, "seed": seed}
     if seed is not None:
-        made, report = make_tasks(index, args.per_passage, seed=seed, top_k=args.top_k, progress=False)
+        made, _ = make_tasks(index, args.per_passage, seed=seed, top_k=args.top_k, progress=False)
         pool = [t.to_json() for t in made]
         tasks = task_order(pool, args.groups, seed)
         updater = GRPOUpdater(agent.policy, UpdateConfig(learning_rate=args.lr, groups_per_step=1, seed=seed))

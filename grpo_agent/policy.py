@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from .config import PolicyConfig
+from .decoding import decode, left_pad
 from .errors import ModelLoadError
 from .hub import no_progress_bars, packaged_path
 from .records import Completion, Group
@@ -184,17 +185,6 @@ class Policy:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded ids, attention mask and position ids (counting real tokens only) on the device."""
-        B, L = len(prompts), max(map(len, prompts))
-        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            input_ids[b, L - len(p) :] = torch.tensor(p)
-            attn[b, L - len(p) :] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as in an unpadded pass
-        return input_ids.to(self.device), attn.to(self.device), pos.to(self.device)
-
     def load_adapter(self, directory: str | os.PathLike, version: str | None = None) -> None:
         """Load a LoRA adapter (a directory with adapter_config.json and adapter_model.safetensors) into the
         model in place, replacing any adapter already there; later samples record `version`."""
@@ -245,7 +235,8 @@ class Policy:
         """log p(next token) after each chat's generation prompt (and `prefix`, the start of the answer), in
         one batched forward pass: (B, V)."""
         start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        input_ids, attn, pos = self._left_pad([self.encode_chat(m) + start for m in messages_batch])
+        input_ids, attn, pos = left_pad([self.encode_chat(m) + start for m in messages_batch], self.pad_token_id,
+                                        self.device)
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
@@ -265,9 +256,10 @@ class Policy:
     ) -> list[Group]:
         """Sample K completions for every chat in one batched, KV-cached decode; one Group per chat.
 
-        Each prompt is prefilled once and its cache repeated K times; rows that stop are dropped from the
-        batch. Log-probs are log_softmax(logits / temperature) at the sampled token, before top-p, exactly
-        what a forward pass over the sequence recomputes (temperature 0: greedy, log-probs at temperature 1).
+        Each prompt is prefilled once and its cache shared by its K rows (grpo_agent.decoding); rows that stop
+        are dropped from the batch. Log-probs are log_softmax(logits / temperature) at the sampled token,
+        before top-p, exactly what a forward pass over the sequence recomputes (temperature 0: greedy, log-probs
+        at temperature 1).
         `tools` (OpenAI format) go to the chat template, for models whose template renders them.
         `prefix` forces the start of every answer: its tokens are appended to the prompt (and so belong to
         each group's prompt_token_ids), and the completions continue from it.
@@ -277,8 +269,6 @@ class Policy:
             raise ValueError(f"k = {k} and max_new_tokens = {max_new_tokens} must both be >= 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature = {temperature} must be >= 0 and top_p = {top_p} in (0, 1]")
-        from transformers import DynamicCache
-
         start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
         if prompt_ids is not None and len(prompt_ids) != len(messages_batch):
             raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(messages_batch)} chats: give one per chat")
@@ -286,49 +276,12 @@ class Policy:
         prompts = [list(p) + start for p in encoded]  # `prefix`: the answer's forced start
         if not prompts:
             return []
-        device, model = self.device, self.model
+        device = self.device
         stops = torch.tensor(self.stop_token_ids if stop_token_ids is None else list(stop_token_ids), device=device)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed) if seed is not None else gen.seed()
-
-        # Prefill the B distinct prompts, left-padded, computing logits only at the last position.
-        N = len(prompts) * k  # rows: each of the B prompts K times
-        input_ids, attn, pos = self._left_pad(prompts)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=cache, logits_to_keep=1)
-
-        # Fan out to N = B*K rows: row r samples for prompt r // K.
-        cache.batch_repeat_interleave(k)
-        logits = out.logits[:, -1].repeat_interleave(k, 0)  # (N, V)
-        attn = attn.repeat_interleave(k, 0)
-        next_pos = pos[:, -1].repeat_interleave(k, 0) + 1  # (N,)
-        tokens = torch.full((N, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
-        logps = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)
-        lengths = torch.zeros(N, dtype=torch.long, device=device)
-        stopped = torch.zeros(N, dtype=torch.bool, device=device)
-        active = torch.arange(N, device=device)  # output row of each row still in the batch
-
-        for t in range(max_new_tokens):
-            tok, lp = _pick(logits.float(), temperature, top_p, gen)
-            tokens[active, t], logps[active, t], lengths[active] = tok, lp, t + 1
-            done = torch.isin(tok, stops)
-            if t == max_new_tokens - 1:
-                stopped[active] = done
-                break
-            if done.any():
-                stopped[active[done]] = True
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                cache.batch_select_indices(keep)
-                active, tok, attn, next_pos = active[keep], tok[keep], attn[keep], next_pos[keep]
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-            out = model(
-                input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache
-            )
-            logits, next_pos = out.logits[:, -1], next_pos + 1
-
-        tokens, logps, lengths, stopped = tokens.cpu(), logps.cpu(), lengths.tolist(), stopped.tolist()
+        out = decode(self.model, prompts, k, max_new_tokens, temperature, top_p, gen, stops, self.pad_token_id)
+        tokens, logps, lengths, stopped = out.tokens, out.logprobs, out.lengths, out.stopped
         groups = []
         for b, messages in enumerate(messages_batch):
             completions = []
@@ -353,26 +306,3 @@ class Policy:
             )
         return groups
 
-
-def _pick(
-    logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from logits (n, V); return the ids (n,) and their tempered log-probs (n,)."""
-    if temperature == 0:
-        logp = torch.log_softmax(logits, dim=-1)
-        tok = logp.argmax(dim=-1)
-    else:
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        probs = logp.exp()
-        if top_p < 1.0:
-            probs = _top_p_filter(probs, top_p)
-        tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-    return tok, logp.gather(1, tok[:, None]).squeeze(1)
-
-
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every token outside the smallest set whose probability reaches top_p (the top token always stays)."""
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before this token already reaches top_p
-    sorted_p = sorted_p.masked_fill(outside, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, idx, sorted_p)

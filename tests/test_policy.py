@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from grpo_agent.errors import ModelLoadError
-from grpo_agent.policy import BUNDLED_INSTALL, _top_p_filter, load_policy
+from grpo_agent.decoding import top_p_filter
+from grpo_agent.policy import BUNDLED_INSTALL, load_policy
 
 CHATS = [
     [{"role": "user", "content": "Is the snow leopard endangered?"}],
@@ -97,7 +98,7 @@ def test_greedy_matches_transformers_generate(tiny_policy):
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.97, 0.01, 0.01, 0.01]])
-    kept = _top_p_filter(probs, 0.75)
+    kept = top_p_filter(probs, 0.75)
     assert kept[0].tolist() == pytest.approx([0.0, 0.5, 0.3, 0.0])  # 0.5 < 0.75, 0.5 + 0.3 reaches it
     assert kept[1].tolist() == pytest.approx([0.97, 0.0, 0.0, 0.0])  # the top token alone reaches it
 

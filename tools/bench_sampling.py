@@ -1,23 +1,40 @@
-"""Tokens/s of Policy.sample (with log-probs) against plain `model.generate`, same prompts, K and lengths.
+"""Tokens/s of Policy.sample: against plain `model.generate` (--part generate), and as the batch grows (--part
+scaling).
 
-Both sample the same prompts x K at the same temperature and top_p, alternating in one process, several
+generate: both sample the same prompts x K at the same temperature and top_p, alternating in one process, several
 repetitions each; the median time is compared. Two regimes:
   fixed  - stop tokens disabled, every row generates exactly max_new_tokens (pure decode cost);
   stop   - the model's own stop token ends rows (real use; tokens/s counts tokens actually generated).
 Target (issue #2): sample with log-probs costs no more than 1.1x plain generate.
 
+scaling: --batches prompts of about --prompt-tokens tokens (retrieved notes and a question, as the agent builds
+them), K samples each, every row decoding exactly --scaling-new-tokens tokens, each batch in a fresh process so
+that its peak memory (the process's maximum resident set, less the same process's after loading the model) is
+its own. Both decodes of grpo_agent.decoding are measured: the shared prompt cache (what Policy.sample uses) and
+the plain one (the prompt cache repeated K times; skipped above --plain-max prompts, where it would not fit).
+Alongside: the expected cache sizes (one copy of the prompts' cache plus the completions' cache, and K copies)
+and this machine's roofline, 2 x parameters FLOPs per token at the fp32 matmul rate measured in the same run.
+Targets (issue #21): tokens/s at the largest batch >= at the smallest; peak memory about one copy of the
+prompts' cache plus the completions' cache; at 32 rows or more, at least half the roofline.
+
     .venv/bin/python tools/bench_sampling.py [--model default] [--prompts 4 --k 8 --max-new-tokens 64]
+    .venv/bin/python tools/bench_sampling.py --part scaling [--batches 8 32 128 --prompt-tokens 400]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from benchlib import write_report
+from benchlib import DATA, read_jsonl, write_report
 
 from grpo_agent.policy import load_policy
 
@@ -71,6 +88,99 @@ def run_sample(policy, chats, k, max_new_tokens, temperature, top_p, seed, stop)
     return seconds, sum(len(c.token_ids) for g in groups for c in g.completions)
 
 
+def long_prompts(policy, n: int, tokens: int) -> list[list[int]]:
+    """n chats of about `tokens` tokens each: consecutive corpus passages as notes, then a question."""
+    passages = [p["text"] for p in read_jsonl(DATA / "passages.jsonl")]
+    out, at = [], 0
+    for i in range(n):
+        notes = []
+        while True:
+            notes.append(passages[at % len(passages)])
+            at += 1
+            chat = [{"role": "user", "content": "Notes:\n" + "\n".join(notes) + "\n\nQuestion: "
+                     + QUESTIONS[i % len(QUESTIONS)]}]
+            ids = policy.encode_chat(chat)
+            if len(ids) >= tokens:
+                out.append(ids)
+                break
+    return out
+
+
+def rss_bytes() -> int:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def one_batch(args) -> None:
+    """Child process: decode one batch one way; print its figures as JSON."""
+    from grpo_agent import decoding
+
+    policy = load_policy(args.model)
+    prompts = long_prompts(policy, args.one, args.prompt_tokens)
+    if args.decode == "plain":
+        decoding.shares_prefix = lambda model: False
+    gen = torch.Generator().manual_seed(0)
+    decoding.decode(policy.model, prompts[:1], 2, 2, 1.0, 1.0, gen, torch.tensor([], dtype=torch.long), 0)  # warm-up
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    out = decoding.decode(policy.model, prompts, args.k, args.scaling_new_tokens, 1.0, 1.0, gen,
+                          torch.tensor([], dtype=torch.long), policy.pad_token_id)  # no stop token: every row runs
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"prompts": len(prompts), "rows": len(prompts) * args.k, "decode": args.decode,
+                      "prompt_tokens": sum(map(len, prompts)), "tokens": sum(out.lengths), "seconds": seconds,
+                      "tokens_per_s": sum(out.lengths) / seconds, "peak_extra_bytes": rss_bytes() - base}))
+
+
+def matmul_flops(threads: int, seconds: float = 3.0) -> float:
+    """This machine's peak fp32 matmul rate (FLOP/s): 1024 x 1024 x 1024 products."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(10):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0)
+
+
+def scaling(args) -> dict:
+    """Each batch in a fresh process, shared and plain; the cache sizes they should take; the roofline."""
+    policy = load_policy(args.model)
+    params = sum(p.numel() for p in policy.model.parameters())
+    cfg = policy.model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * hd * 4  # fp32 keys + values, all layers
+    flops = matmul_flops(torch.get_num_threads())
+    roofline = flops / (2 * params)
+    print(f"fp32 matmul {flops / 1e9:.1f} GFLOP/s, {params / 1e6:.0f}M parameters: roofline {roofline:.0f} tokens/s")
+    rows = []
+    for prompts in args.batches:
+        for how in ("shared", "plain"):
+            if how == "plain" and prompts > args.plain_max:
+                continue
+            cmd = [sys.executable, __file__, "--model", args.model, "--one", str(prompts), "--decode", how,
+                   "--k", str(args.k), "--prompt-tokens", str(args.prompt_tokens),
+                   "--scaling-new-tokens", str(args.scaling_new_tokens)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["prompts_cache_bytes"] = row["prompt_tokens"] * per_token
+            row["completions_cache_bytes"] = row["rows"] * args.scaling_new_tokens * per_token
+            row["k_copies_cache_bytes"] = row["prompts_cache_bytes"] * args.k + row["completions_cache_bytes"]
+            row["share_of_roofline"] = row["tokens_per_s"] / roofline
+            rows.append(row)
+            one_copy = (row["prompts_cache_bytes"] + row["completions_cache_bytes"]) / 2**30
+            print(f"{prompts:4d} prompts x K={args.k} ({row['rows']} rows, {how:6s}): {row['tokens_per_s']:6.1f} "
+                  f"tokens/s ({row['share_of_roofline']:.2f} of roofline), peak +{row['peak_extra_bytes'] / 2**30:.2f}"
+                  f" GiB (one prompt copy + completions {one_copy:.2f} GiB, K copies "
+                  f"{row['k_copies_cache_bytes'] / 2**30:.2f} GiB)", flush=True)
+    shared = [r for r in rows if r["decode"] == "shared"]
+    return {"settings": {"batches": args.batches, "k": args.k, "prompt_tokens": args.prompt_tokens,
+                         "new_tokens": args.scaling_new_tokens},
+            "matmul_flops": flops, "parameters": params, "roofline_tokens_per_s": roofline, "rows": rows,
+            "largest_over_smallest": shared[-1]["tokens_per_s"] / shared[0]["tokens_per_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -81,7 +191,21 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="tools/results/bench_sampling.json")
+    ap.add_argument("--part", choices=("generate", "scaling"), default="generate")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--prompt-tokens", type=int, default=400)
+    ap.add_argument("--scaling-new-tokens", type=int, default=32)
+    ap.add_argument("--plain-max", type=int, default=32, help="largest batch measured with the plain decode")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one batch of this many prompts
+    ap.add_argument("--decode", choices=("shared", "plain"), default="shared", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        return one_batch(args)
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "sampling"}
+    if args.part == "scaling":
+        report["scaling"] = scaling(args)
+        return write_report(report, out)
 
     policy = load_policy(args.model)
     chats = [[{"role": "user", "content": q}] for q in (QUESTIONS * 4)[: args.prompts]]
@@ -116,13 +240,14 @@ def main() -> None:
             f"({row['generate']['median_s']:.2f} s) | cost ratio sample/generate "
             f"{row['cost_ratio_sample_over_generate']:.3f} (target <= 1.1)"
         )
-    write_report({
+    report.update({
         "benchmark": "sampling",
         "model": policy.name,
         "device": str(policy.device),
         "settings": {**common, "prompts": args.prompts, "reps": args.reps},
         "results": results,
-    }, args.out)
+    })
+    write_report(report, out)
 
 if __name__ == "__main__":
     main()

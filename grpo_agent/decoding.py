@@ -51,14 +51,17 @@ class SharedPrefix:
         """(n, Hkv, g, m) per row -> (B, Hkv, K*g, m) per prompt, zeros where a row has stopped."""
         B, K = self.bias.shape[0], self.k
         n, Hkv, g, m = x.shape
-        grid = x.new_zeros(B * K, Hkv, g, m)
-        grid[self.rows] = x
-        return grid.view(B, K, Hkv, g, m).transpose(1, 2).reshape(B, Hkv, K * g, m)
+        if n < B * K:  # some rows have stopped: put the others in their places
+            grid = x.new_zeros(B * K, Hkv, g, m)
+            grid[self.rows] = x
+            x = grid
+        return x.view(B, K, Hkv, g, m).transpose(1, 2).reshape(B, Hkv, K * g, m)
 
     def _rows(self, x: torch.Tensor, g: int) -> torch.Tensor:
         """(B, Hkv, K*g, m) per prompt -> (n, Hkv, g, m) for the rows still decoding."""
         B, Hkv, _, m = x.shape
-        return x.view(B, Hkv, self.k, g, m).transpose(1, 2).reshape(B * self.k, Hkv, g, m)[self.rows]
+        x = x.view(B, Hkv, self.k, g, m).transpose(1, 2).reshape(B * self.k, Hkv, g, m)
+        return x if len(self.rows) == B * self.k else x[self.rows]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:

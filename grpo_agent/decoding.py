@@ -32,7 +32,7 @@ class SharedPrefix:
 
     keys: list[torch.Tensor]  # per layer (B, Hkv, L, hd): the prompts, left-padded
     values: list[torch.Tensor]  # per layer (B, Hkv, L, hd)
-    bias: torch.Tensor  # (B, 1, 1, L): 0 at a prompt's tokens, -inf at its padding
+    bias: torch.Tensor  # (B, 1, 1, L): 0 at a prompt's tokens, -inf at its padding (repeated per key-value head)
     k: int  # samples per prompt: grid row b*k + j is prompt b's j-th sample
     rows: torch.Tensor  # (n,) the grid row of each row still decoding
     new_keys: list[torch.Tensor] = field(default_factory=list)  # per layer (n, Hkv, T, hd), preallocated
@@ -42,14 +42,17 @@ class SharedPrefix:
     calls: int = 0  # attention calls made (0 after a step: the model bypassed the attention interface)
 
     def keep(self, keep: torch.Tensor) -> None:
-        """Drop the rows that stopped: `keep` indexes the rows that go on."""
-        self.rows = self.rows[keep]
-        self.new_keys = [c[keep] for c in self.new_keys]
-        self.new_values = [c[keep] for c in self.new_values]
+        """Drop the rows that stopped: `keep` indexes the rows that go on. Their completion caches move to the
+        front of the same buffers (no second copy is held)."""
+        self.rows, n, end = self.rows[keep], len(keep), self.t + 1
+        for caches in (self.new_keys, self.new_values):
+            for i, c in enumerate(caches):
+                c[:n, :, :end] = c[keep, :, :end]
+                caches[i] = c[:n]
 
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
         """(n, Hkv, g, m) per row -> (B, Hkv, K*g, m) per prompt, zeros where a row has stopped."""
-        B, K = self.bias.shape[0], self.k
+        B, K = len(self.keys[0]), self.k
         n, Hkv, g, m = x.shape
         if n < B * K:  # some rows have stopped: put the others in their places
             grid = x.new_zeros(B * K, Hkv, g, m)
@@ -64,9 +67,13 @@ class SharedPrefix:
         return x if len(self.rows) == B * self.k else x[self.rows]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float) -> torch.Tensor:
+               scaling: float | None) -> torch.Tensor:
         """One decode step of one layer: query (n, H, 1, hd), this token's key and value (n, Hkv, 1, hd);
-        returns (n, 1, H, hd), as transformers' attention functions do."""
+        returns (n, 1, H, hd), as transformers' attention functions do.
+
+        softmax over [prompt keys, completion keys] in two blocks: each block's attention output and
+        log-sum-exp, then the outputs weighted by their blocks' shares of the total mass. The prompt block is
+        computed per prompt (B, Hkv, K*g, L): its K rows read its keys once."""
         self.calls += 1
         n, H, _, hd = query.shape
         Hkv = key.shape[1]
@@ -78,19 +85,24 @@ class SharedPrefix:
         new_k[:, :, self.t] = key[:, :, 0]
         new_v[:, :, self.t] = value[:, :, 0]
         new_k, new_v = new_k[:, :, : self.t + 1], new_v[:, :, : self.t + 1]
-        q = query[:, :, 0].reshape(n, Hkv, g, hd) * scaling  # query head h reads key-value head h // g
-        s_prompt = self._rows(self._grid(q) @ self.keys[layer].transpose(-1, -2) + self.bias, g)  # (n, Hkv, g, L)
-        s_new = q @ new_k.transpose(-1, -2)  # (n, Hkv, g, t+1)
-        m = torch.maximum(s_prompt.amax(-1, keepdim=True), s_new.amax(-1, keepdim=True))
-        p_prompt, p_new = (s_prompt.float() - m.float()).exp(), (s_new.float() - m.float()).exp()
-        denom = p_prompt.sum(-1, keepdim=True) + p_new.sum(-1, keepdim=True)
-        out = self._rows(self._grid(p_prompt.to(q.dtype)) @ self.values[layer], g) + p_new.to(q.dtype) @ new_v
-        out = out / denom.to(q.dtype)  # (n, Hkv, g, hd)
-        return out.reshape(n, 1, H, hd)
+        q = query[:, :, 0].reshape(n, Hkv, g, hd)  # query head h reads key-value head h // g
+        scale = hd**-0.5 if scaling is None else scaling
+        if self.bias.shape[1] != Hkv:  # once: the padding bias per (prompt, key-value head)
+            self.bias = self.bias.repeat_interleave(Hkv, 1)  # (B, Hkv, 1, L)
+        s = torch.baddbmm(self.bias.flatten(0, 1), self._grid(q).flatten(0, 1),  # (B*Hkv, K*g, L)
+                           self.keys[layer].flatten(0, 1).transpose(1, 2), alpha=scale)
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        out = (s.sub_(lse).exp_() @ self.values[layer].flatten(0, 1)).view(-1, Hkv, self.k * g, hd)
+        out, lse = self._rows(out, g), self._rows(lse.view(-1, Hkv, self.k * g, 1), g)  # (n, Hkv, g, hd), (.., 1)
+        s_new = (q @ new_k.transpose(-1, -2)) * scale  # (n, Hkv, g, t+1): the row's own completion so far
+        lse_new = torch.logsumexp(s_new, -1, keepdim=True)
+        out_new = s_new.sub_(lse_new).exp_() @ new_v
+        w = torch.sigmoid(lse - lse_new)  # the prompt block's share of the softmax mass
+        return (out_new + w * (out - out_new)).reshape(n, 1, H, hd)
 
 
-_registered = threading.Lock()
-_active = {"count": 0, "model_impl": {}}
+_lock = threading.Lock()
+_swapped: dict[int, list] = {}  # id(config) -> [decodes running, the attention settings to restore]
 
 
 def _register() -> None:
@@ -107,6 +119,9 @@ def _register() -> None:
         if shared_prefix is None:  # another forward (a concurrent thread's) while ours is set: plain sdpa
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
+        if any(kwargs.get(a) is not None for a in ("sliding_window", "softcap", "s_aux")):
+            raise RuntimeError(f"{type(module).__name__} needs {sorted(kwargs)} in its attention, which the shared-"
+                               "prefix decode does not do; decoding.shares_prefix should have refused this model")
         return shared_prefix.attend(module.layer_idx, query, key, value, scaling), None
 
     ALL_ATTENTION_FUNCTIONS.register(ATTENTION, attention)
@@ -115,33 +130,48 @@ def _register() -> None:
 
 def shares_prefix(model: torch.nn.Module) -> bool:
     """Whether `model` can decode with the shared-prefix attention: a transformers model on the attention
-    interface (sdpa or eager), full attention (no sliding window in use) and no logit soft-capping."""
+    interface (sdpa or eager), every layer full attention (no sliding window in use, no linear-attention or
+    convolution layers) and no logit soft-capping."""
+    if not getattr(model, "_supports_attention_backend", False):  # Falcon, Bloom ... (PeftModel forwards it)
+        return False
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", ATTENTION):
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
         return False
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
     return not any(getattr(config, a, None) for a in ("attn_logit_softcapping", "final_logit_softcapping"))
 
 
+def _attention_settings(config) -> dict:
+    """The config's attention implementation and each sub-config's, as the config's setter takes them."""
+    subs = {name: getattr(config, name)._attn_implementation for name in getattr(config, "sub_configs", {})
+            if getattr(config, name, None) is not None}
+    return {"": config._attn_implementation, **subs}
+
+
 @contextmanager
 def shared_prefix_attention(model: torch.nn.Module):
-    """Route `model`'s attention through the shared-prefix function while decoding (counted, so concurrent
-    decodes share the setting; a forward without a SharedPrefix still gets sdpa)."""
+    """Route `model`'s attention through the shared-prefix function while decoding. Counted per model config,
+    so concurrent decodes of one model share the setting and the last one out restores it; a forward without a
+    SharedPrefix (another thread's) still gets sdpa."""
     _register()
     config = model.config
-    with _registered:
-        if _active["count"] == 0:
-            _active["model_impl"][id(config)] = config._attn_implementation
+    with _lock:
+        entry = _swapped.setdefault(id(config), [0, None])
+        if entry[0] == 0:
+            entry[1] = _attention_settings(config)
             config._attn_implementation = ATTENTION
-        _active["count"] += 1
+        entry[0] += 1
     try:
         yield
     finally:
-        with _registered:
-            _active["count"] -= 1
-            if _active["count"] == 0:
-                config._attn_implementation = _active["model_impl"].pop(id(config))
+        with _lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                config._attn_implementation = entry[1]
+                del _swapped[id(config)]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -78,3 +78,18 @@ def test_models_it_cannot_serve_decode_the_plain_way(tiny_policy, monkeypatch):
     assert not shares_prefix(tiny_policy.model)
     out = run(tiny_policy, PROMPTS, k=2, seed=1, max_new_tokens=4)
     assert len(out.lengths) == 6
+
+
+def test_two_models_decoding_at_once_each_get_and_give_back_their_setting(tiny_model_dir):
+    from grpo_agent.policy import load_policy
+
+    a, b = load_policy(str(tiny_model_dir), device="cpu").model, load_policy(str(tiny_model_dir), device="cpu").model
+    before = a.config._attn_implementation
+    first, second = shared_prefix_attention(a), shared_prefix_attention(b)
+    first.__enter__()
+    second.__enter__()
+    assert a.config._attn_implementation == b.config._attn_implementation == decoding.ATTENTION
+    first.__exit__(None, None, None)  # out of order: a finishes first
+    assert a.config._attn_implementation == before and b.config._attn_implementation == decoding.ATTENTION
+    second.__exit__(None, None, None)
+    assert b.config._attn_implementation == before

@@ -99,6 +99,7 @@ class GRPOAgent:
         if k > 1 and scorer is None:
             raise AgentError(f"k = {k} needs a scorer to pick the best answer (or use k=1 for plain serving)")
         self.policy, self.retriever, self.scorer, self.store = policy, retriever, scorer, store
+        self.engine = policy  # what samples the groups: the policy in-process, or a RemoteEngine (engines.py)
         self.k, self.top_k, self.config_hash, self.system = k, top_k, config_hash, system
         self.sampling = sampling or SamplingConfig(k=k)
         self.experience = experience  # training-free mode: an ExperienceLibrary whose lessons go in the prompt
@@ -140,6 +141,10 @@ class GRPOAgent:
         agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
                     top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg), guard=guard)
         agent.embedder = embedder
+        if cfg.sampling.engine:
+            from .engines import RemoteEngine
+
+            agent.engine = RemoteEngine(cfg.sampling.engine, policy)
         return agent
 
     def use_experience(self, cfg, store=None) -> None:
@@ -214,7 +219,7 @@ class GRPOAgent:
         passages = self.retrieve([q for q, _ in split])
         chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
         prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
-        groups = self.policy.sample(chats, k=k, prompt_ids=prompts, **params)
+        groups = self.engine.sample(chats, k=k, prompt_ids=prompts, **params)
         references = list(references) if references is not None else [None] * len(split)
         contexts = [ScoreContext(q, p, ref) for (q, _), p, ref in zip(split, passages, references)]
         scored: list[GroupScores | None] = [None] * len(groups)
@@ -241,7 +246,7 @@ class GRPOAgent:
             passages = self.retrieve([q for q, _ in split])
             chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
             prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
-            groups = self.policy.sample(chats, prompt_ids=prompts, **params)
+            groups = self.engine.sample(chats, prompt_ids=prompts, **params)
         return groups, [ScoreContext(q, p) for (q, _), p in zip(split, passages)]
 
     def check_fits(self, tasks: Sequence[Task], batch: int = 64, **sampling: Any) -> None:
@@ -324,6 +329,8 @@ class GRPOAgent:
         target = self._followed.promoted_target(promoted)
         if promoted.kind == "adapter":
             self.policy.load_adapter(target, version=promoted.version)
+            if self.engine is not self.policy:
+                self.engine.load_adapter(target, version=promoted.version)
         elif self.experience is not None:  # a training-free run promotes a lesson library
             self.experience.load(target)
             self.policy.version = promoted.version

@@ -48,8 +48,12 @@ class SamplingConfig:
     temperature: float = 1.0  # log-probs are of logits / temperature; 0 means greedy
     top_p: float = 1.0  # nucleus sampling; log-probs stay those of the full tempered distribution
     seed: int | None = None  # fixed seed: the same group for the same prompts and weights
+    engine: str = ""  # "" samples in-process; a URL (http://127.0.0.1:8000) samples on a vLLM server (engines.py)
 
     def __post_init__(self) -> None:
+        if self.engine and not str(self.engine).startswith(("http://", "https://")):
+            raise ConfigError(f"sampling.engine = {self.engine!r}: give the URL of an OpenAI-compatible inference "
+                              'server (http://127.0.0.1:8000), or "" to sample in-process')
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"sampling.k = {self.k!r}: the group size must be an integer >= 1 (8 is typical)")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

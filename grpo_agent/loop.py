@@ -92,6 +92,7 @@ class SelfImprovementLoop:
                 self.updater.resume(self.dir.checkpoints)
             self._load_reference()
         agent.policy.version = self.state.promoted_version
+        self._publish(self.state.promoted_version)  # a resumed run's remote engine serves what was promoted
 
     def _with_redteam(self, tasks: list[dict]) -> list[dict]:
         """The task pool with red-team tasks mixed in at loop.redteam_share (made from the safety rules and the
@@ -268,6 +269,7 @@ class SelfImprovementLoop:
         pointer = self.dir.snapshot(version, self.kind).relative_to(self.dir.path)
         self.dir.write_promoted(Promoted(version, self.kind, str(pointer)))
         self.agent.policy.version = version
+        self._publish(version)
         if not any(u.round == r for u in store.updates()):
             store.record_update(
                 round=r, policy_version=version, group_ids=pending.group_ids, metrics=metrics,
@@ -334,8 +336,13 @@ class SelfImprovementLoop:
         bar.close()
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.agent, self.eval_tasks, label_free=self.cfg.label_free, k=self.cfg.eval_k,
-                        batch=self.batch, progress=self.progress)
+        """The held-out eval, in-process: the weights the gate judges exist only there until promoted."""
+        engine, self.agent.engine = self.agent.engine, self.agent.policy
+        try:
+            return evaluate(self.agent, self.eval_tasks, label_free=self.cfg.label_free, k=self.cfg.eval_k,
+                            batch=self.batch, progress=self.progress)
+        finally:
+            self.agent.engine = engine
 
     # ----- what is promoted: a LoRA adapter (grpo) or the lesson library (training-free) --------------------
     def _snapshot(self, version: str, folder: str = "promoted") -> None:
@@ -344,6 +351,12 @@ class SelfImprovementLoop:
             self.updater.save_adapter(path)
         else:
             self.agent.experience.export(path)
+
+    def _publish(self, version: str) -> None:
+        """Serve the promoted adapter on a remote rollout engine, so the next round samples from it."""
+        engine = self.agent.engine
+        if self.updater is not None and engine is not self.agent.policy and engine.version != version:
+            engine.load_adapter(self.dir.snapshot(version, self.kind), version=version)
 
     def _restore(self, version: str) -> None:
         """Bring back the promoted adapter (and drop the optimizer's moments, which belong to the discarded

@@ -49,7 +49,7 @@ demo: $(STAMP)
 	$(CLI) eval $(DEMO_EVAL) --run $(DEMO)/run --json $(DEMO)/after.json
 	$(CLI) report --run $(DEMO)/run --eval before=$(DEMO)/before.json after=$(DEMO)/after.json
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -51,7 +51,9 @@ class RemoteEngine:
     def name(self) -> str:
         return f"{self.base} at {self.url}"
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict | None = None, reply: str = "json") -> dict:
+        """One request; its JSON reply (reply="text": the reply's text under "text", as vLLM's adapter loading
+        answers in words)."""
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
@@ -63,6 +65,8 @@ class RemoteEngine:
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise EngineError(f"cannot reach the inference server at {self.url} ({e}); is it running? "
                               "See README, 'Rollouts on vLLM'") from e
+        if reply == "text":
+            return {"text": text}
         try:
             return json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as e:
@@ -114,7 +118,7 @@ class RemoteEngine:
             raise EngineError(f"{path} is not a LoRA adapter directory (adapter_config.json, "
                               "adapter_model.safetensors)")
         self._call("POST", "/v1/load_lora_adapter", {"lora_name": ADAPTER_NAME, "lora_path": str(path),
-                                                      "load_inplace": True})
+                                                      "load_inplace": True}, reply="text")
         self.model, self.version = ADAPTER_NAME, version
 
     def completion(self, prompt_ids, text: str, temperature: float = 1.0) -> Completion:

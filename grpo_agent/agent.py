@@ -266,9 +266,10 @@ class GRPOAgent:
     def encode_prompts(self, chats: Sequence[Sequence[dict]], max_new_tokens: int,
                        tools: Sequence[dict] | None = None) -> list[list[int]]:
         """Each chat's prompt token ids; ContextLengthError for the first whose prompt plus max_new_tokens is
-        past the policy's context window (checked before any model call)."""
+        past the context window of what samples them (checked before any model call; a remote engine's can be
+        below the model's own)."""
         prompts = [self.policy.encode_chat(chat, tools) for chat in chats]
-        limit = self.policy.context_length
+        limit = self.engine.context_length
         for i, ids in enumerate(prompts):
             if limit is not None and len(ids) + max_new_tokens > limit:
                 raise ContextLengthError(
@@ -333,7 +334,7 @@ class GRPOAgent:
                 self.engine.load_adapter(target, version=promoted.version)
         elif self.experience is not None:  # a training-free run promotes a lesson library
             self.experience.load(target)
-            self.policy.version = promoted.version
+            self.policy.version = self.engine.version = promoted.version
         else:
             raise AgentError(f"{self._followed.path} is a training-free run: give the agent an ExperienceLibrary to "
                              "follow it")

@@ -54,6 +54,9 @@ class SamplingConfig:
         if self.engine and not str(self.engine).startswith(("http://", "https://")):
             raise ConfigError(f"sampling.engine = {self.engine!r}: give the URL of an OpenAI-compatible inference "
                               'server (http://127.0.0.1:8000), or "" to sample in-process')
+        if self.engine and self.top_p != 1:
+            raise ConfigError(f"sampling.top_p = {self.top_p} with sampling.engine: a remote engine's log-probs are "
+                              "renormalised over the nucleus, not those the updater needs; use top_p = 1")
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"sampling.k = {self.k!r}: the group size must be an integer >= 1 (8 is typical)")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -61,3 +61,8 @@ class LoopError(GRPOAgentError):
 
 class ExperienceError(GRPOAgentError):
     """A lesson file that cannot be loaded."""
+
+
+class EngineError(GRPOAgentError):
+    """A remote rollout engine (an inference server) could not be reached, refused a request, or answered in a
+    way we cannot use."""

@@ -353,10 +353,15 @@ class SelfImprovementLoop:
             self.agent.experience.export(path)
 
     def _publish(self, version: str) -> None:
-        """Serve the promoted adapter on a remote rollout engine, so the next round samples from it."""
+        """Serve the promoted adapter on a remote rollout engine, so the next round samples from it (training-
+        free: the lessons are in the prompt, so only the version it records changes)."""
         engine = self.agent.engine
-        if self.updater is not None and engine is not self.agent.policy and engine.version != version:
+        if engine is self.agent.policy or engine.version == version:
+            return
+        if self.updater is not None:
             engine.load_adapter(self.dir.snapshot(version, self.kind), version=version)
+        else:
+            engine.version = version
 
     def _restore(self, version: str) -> None:
         """Bring back the promoted adapter (and drop the optimizer's moments, which belong to the discarded

@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .agent import GRPOAgent, split_task
-from .errors import ContextLengthError, GRPOAgentError, UnknownGroupError
+from .errors import ContextLengthError, EngineError, GRPOAgentError, UnknownGroupError
 from .toolcalls import cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
 
 
@@ -344,6 +344,8 @@ def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
             reply = await asyncio.wrap_future(batcher.submit(_Job(chat, params)).future)
         except ContextLengthError as e:  # too long as sent, or once the facts were added
             raise _too_long(e, max_new_tokens) from e
+        except EngineError as e:  # the inference server behind us failed: not the client's fault
+            raise APIError(502, str(e)) from e
         except GRPOAgentError as e:
             raise APIError(400, str(e)) from e
         body = _response(req, reply, cfg)

@@ -44,6 +44,14 @@ def vllm_model_dir(tmp_path_factory):
     return path
 
 
+def _die_with_parent() -> None:
+    """In the server's process: be sent SIGTERM when pytest dies, even killed (Linux prctl PR_SET_PDEATHSIG), so a
+    killed test run leaves no server behind; vLLM stops its engine process on SIGTERM."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @pytest.fixture(scope="module")
 def vllm_server(vllm_model_dir, tmp_path_factory):
     """`vllm serve` as its own process on 127.0.0.1 (LoRA on, tempered log-probs); stopped after the module."""
@@ -56,12 +64,12 @@ def vllm_server(vllm_model_dir, tmp_path_factory):
     env = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache"), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     log = (work / "server.log").open("w")
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # its own session (so it and its engine process stop together), ended with us
         [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model_dir),
          "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8", "--logprobs-mode",
          "processed_logprobs", "--max-num-seqs", "32"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_SECONDS
     try:
@@ -116,19 +124,30 @@ def test_groups_from_vllm_carry_token_ids_and_our_tempered_logprobs(vllm_server,
             assert torch.allclose(torch.tensor(c.logprobs), recomputed(local, g, c), atol=2e-3)
     again = engine.sample(CHATS, k=4, max_new_tokens=12, temperature=0.7, seed=0)
     assert [[c.token_ids for c in g.completions] for g in again] == [[c.token_ids for c in g.completions] for g in groups]
+    twice = engine.sample([CHATS[0], CHATS[0]], k=4, max_new_tokens=12, temperature=0.7, seed=0)
+    assert [c.token_ids for c in twice[0].completions] != [c.token_ids for c in twice[1].completions]  # own seeds
 
 
-def test_a_loaded_adapter_changes_the_samples_and_is_recorded(vllm_server, local, vllm_model_dir, tmp_path):
+def lora_adapter(model_dir, path, seed=1):
+    """A random LoRA adapter that changes the model (a zero B would be the zero adapter)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(vllm_model_dir),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.5)  # a zero B is the zero adapter: make it change something
-    model.save_pretrained(tmp_path / "v1")
+            torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def test_a_loaded_adapter_changes_the_samples_and_is_recorded(vllm_server, vllm_model_dir, tmp_path):
+    from grpo_agent.policy import load_policy
+
+    local = load_policy(str(vllm_model_dir), device="cpu")
+    lora_adapter(vllm_model_dir, tmp_path / "v1")
     engine = RemoteEngine(vllm_server, local)
     before = engine.sample(CHATS, k=4, max_new_tokens=12, temperature=1.0, seed=3)
     engine.load_adapter(tmp_path / "v1", version="r1")
@@ -139,6 +158,15 @@ def test_a_loaded_adapter_changes_the_samples_and_is_recorded(vllm_server, local
     for g in after:
         for c in g.completions:
             assert torch.allclose(torch.tensor(c.logprobs), recomputed(local, g, c), atol=2e-3)
+
+
+def test_a_server_serving_other_weights_is_refused_with_the_fix(vllm_server, vllm_model_dir, tmp_path):
+    from grpo_agent.policy import load_policy
+
+    other = load_policy(str(vllm_model_dir), device="cpu")
+    other.load_adapter(lora_adapter(vllm_model_dir, tmp_path / "other", seed=2))  # in-process differs from served
+    with pytest.raises(EngineError, match="logprobs-mode processed_logprobs"):
+        RemoteEngine(vllm_server, other)
 
 
 def test_a_server_that_is_not_there_and_top_p_are_refused_clearly(vllm_server, local):

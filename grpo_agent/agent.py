@@ -141,10 +141,9 @@ class GRPOAgent:
         agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
                     top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg), guard=guard)
         agent.embedder = embedder
-        if cfg.sampling.engine:
-            from .engines import RemoteEngine
+        from .engines import rollout_engine
 
-            agent.engine = RemoteEngine(cfg.sampling.engine, policy)
+        agent.engine = rollout_engine(cfg.sampling.engine, policy)
         return agent
 
     def use_experience(self, cfg, store=None) -> None:

@@ -54,13 +54,10 @@ def _run_sample(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.question}
     ]
-    params = {k: v for k, v in dataclasses.asdict(sampling).items() if k != "engine"}
-    engine = policy
-    if sampling.engine:
-        from .engines import RemoteEngine
+    from .engines import rollout_engine
 
-        engine = RemoteEngine(sampling.engine, policy)
-    (group,) = engine.sample([messages], **params)
+    params = {k: v for k, v in dataclasses.asdict(sampling).items() if k != "engine"}
+    (group,) = rollout_engine(sampling.engine, policy).sample([messages], **params)
     print(f"Q: {args.question}  ({policy.name}, K={sampling.k}, temperature={sampling.temperature})\n")
     for i, c in enumerate(group.completions, 1):
         mean_lp = sum(c.logprobs) / len(c.logprobs)

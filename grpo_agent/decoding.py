@@ -8,8 +8,8 @@ leaves the batch; only the small completion caches are compacted then. Peak memo
 prompts' cache plus the completions' cache, and the per-token cost does not grow with the batch through
 cache copies (issue #21; tools/bench_sampling.py measures it).
 
-The attention is exactly softmax over [prompt keys, completion keys] (computed as two blocks sharing one
-max and one denominator), so log-probs mean what a forward pass over the whole sequence recomputes. Models
+The attention is exactly softmax over [prompt keys, completion keys] (computed as two blocks, each with its
+log-sum-exp, then merged by their shares of the total mass), so log-probs mean what a forward pass over the whole sequence recomputes. Models
 whose attention does not go through transformers' attention interface, or that use a sliding window or
 logit soft-capping, decode the plain way instead: the prompt cache repeated K times (`shares_prefix`).
 """
@@ -186,9 +186,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return input_ids.to(device), attn.to(device), pos.to(device)
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[SharedPrefix, torch.Tensor]:
+def prefill(model, prompts: list[list[int]], pad_id: int, device, k: int = 1, size: int = 1
+            ) -> tuple[SharedPrefix, torch.Tensor]:
     """Run the prompts in chunks of about PREFILL_TOKENS tokens; return their caches, right-aligned in one
-    (B, Hkv, L, hd) tensor per layer, and the logits at each prompt's last token (B, V)."""
+    (B, Hkv, L, hd) tensor per layer, ready for K rows per prompt of up to `size` new tokens each, and the
+    logits at each prompt's last token (B, V)."""
     from transformers import DynamicCache
 
     B, L = len(prompts), max(map(len, prompts))
@@ -210,7 +212,8 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[Share
             values[i][start : start + len(chunk), :, L - width :] = layer.values
         bias[start : start + len(chunk), 0, 0, L - width :] = torch.where(attn.bool(), 0.0, float("-inf"))
     bias = bias.to(keys[0].dtype)
-    return SharedPrefix(keys, values, bias, k=1, rows=torch.arange(B, device=device)), torch.cat(logits)
+    return (SharedPrefix(keys, values, bias, k=k, rows=torch.arange(B * k, device=device), size=size),
+            torch.cat(logits))
 
 
 @dataclass
@@ -230,8 +233,7 @@ def decode(model, prompts: list[list[int]], k: int, max_new_tokens: int, tempera
     device = next(model.parameters()).device
     shared = shares_prefix(model)
     if shared:
-        state, logits = prefill(model, prompts, pad_id, device)
-        state.k, state.size, state.rows = k, max_new_tokens, torch.arange(len(prompts) * k, device=device)
+        state, logits = prefill(model, prompts, pad_id, device, k, max_new_tokens)
     else:  # the plain way: the prompts' cache repeated K times, concatenated to every step
         from transformers import DynamicCache
 

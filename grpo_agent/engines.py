@@ -94,13 +94,8 @@ class RemoteEngine:
                               "are not the log-probs the updater needs; sample with top_p = 1 on a remote engine")
         if k < 1 or max_new_tokens < 1:
             raise ValueError(f"k = {k} and max_new_tokens = {max_new_tokens} must both be >= 1")
-        if prompt_ids is not None and len(prompt_ids) != len(messages_batch):
-            raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(messages_batch)} chats: give one per chat")
-        policy = self.policy
-        start = policy.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        encoded = prompt_ids if prompt_ids is not None else [policy.encode_chat(m, tools) for m in messages_batch]
-        prompts = [list(p) + start for p in encoded]
-        stops = policy.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
+        prompts = self.policy.prompts(messages_batch, prefix, tools, prompt_ids)
+        stops = self.policy.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
         model, version = self.model, self.version  # the weights these groups come from, even if swapped meanwhile
         # vLLM seeds a request's n samples seed, seed + 1, ...: each chat gets its own k seeds
         bodies = [{"model": model, "prompt": p, "n": k, "max_tokens": max_new_tokens, "temperature": temperature,
@@ -172,3 +167,9 @@ class RemoteEngine:
     def completion(self, prompt_ids, text: str, temperature: float = 1.0) -> Completion:
         """A candidate the sampler did not write, scored by the in-process policy (the weights being trained)."""
         return self.policy.completion(prompt_ids, text, temperature)
+
+
+def rollout_engine(url: str, policy):
+    """What samples the groups for a `sampling.engine` setting: the policy in-process for "", else a RemoteEngine
+    on the server at `url`."""
+    return RemoteEngine(url, policy) if url else policy

@@ -240,6 +240,16 @@ class Policy:
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
+    def prompts(self, messages_batch: Sequence[Messages], prefix: str = "", tools: Sequence[dict] | None = None,
+                prompt_ids: Sequence[list[int]] | None = None) -> list[list[int]]:
+        """The token ids each chat is sampled from: its encoding (or the given `prompt_ids`, one per chat) and then
+        `prefix`, the answer's forced start (what `sample` and a remote engine both send)."""
+        if prompt_ids is not None and len(prompt_ids) != len(messages_batch):
+            raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(messages_batch)} chats: give one per chat")
+        start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+        encoded = prompt_ids if prompt_ids is not None else [self.encode_chat(m, tools) for m in messages_batch]
+        return [list(p) + start for p in encoded]
+
     @torch.inference_mode()
     def sample(
         self,
@@ -269,11 +279,7 @@ class Policy:
             raise ValueError(f"k = {k} and max_new_tokens = {max_new_tokens} must both be >= 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature = {temperature} must be >= 0 and top_p = {top_p} in (0, 1]")
-        start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        if prompt_ids is not None and len(prompt_ids) != len(messages_batch):
-            raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(messages_batch)} chats: give one per chat")
-        encoded = prompt_ids if prompt_ids is not None else [self.encode_chat(m, tools) for m in messages_batch]
-        prompts = [list(p) + start for p in encoded]  # `prefix`: the answer's forced start
+        prompts = self.prompts(messages_batch, prefix, tools, prompt_ids)
         if not prompts:
             return []
         device = self.device

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _LAZY = {  # name -> module that defines it, imported on first access
     "GRPOAgent": "agent", "Reply": "agent",
-    "Policy": "policy", "load_policy": "policy",
+    "Policy": "rollout.policy", "load_policy": "rollout.policy", "RemoteEngine": "rollout.engines",
     "Embedder": "retrieval", "FactIndex": "retrieval", "ingest": "ingest",
     "SelfScorer": "scoring", "ScoreContext": "scoring", "ScoreResult": "scoring", "build_self_scorer": "scoring",
     "register": "scoring",
@@ -49,7 +49,7 @@ __all__ = [
     "AgentError", "Completion", "Config", "ConfigError", "ContextLengthError", "EvalResult", "Embedder",
     "ExperienceConfig", "ExperienceError", "ExperienceLibrary", "FactIndex", "Feedback", "GRPOAgent",
     "GRPOAgentError", "GRPOUpdater", "Group", "GroupInfo", "Lesson", "LoopConfig", "LoopError", "LoopState",
-    "ModelLoadError", "Passage", "Policy", "PolicyConfig", "Reply", "RetrievalConfig", "RetrievalError", "RunDir",
+    "ModelLoadError", "Passage", "Policy", "PolicyConfig", "RemoteEngine", "Reply", "RetrievalConfig", "RetrievalError", "RunDir",
     "SamplingConfig", "ScoreContext", "ScoreResult", "ScoringConfig", "SelfImprovementLoop", "SelfScorer",
     "StoreError", "TrajectoryStore", "UnknownGroupError", "UpdateConfig", "UpdateError", "UpdateRecord",
     "build_self_scorer", "evaluate", "ingest", "load_config", "load_policy", "read_tasks", "register",

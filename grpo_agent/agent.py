@@ -99,7 +99,7 @@ class GRPOAgent:
         if k > 1 and scorer is None:
             raise AgentError(f"k = {k} needs a scorer to pick the best answer (or use k=1 for plain serving)")
         self.policy, self.retriever, self.scorer, self.store = policy, retriever, scorer, store
-        self.engine = policy  # what samples the groups: the policy in-process, or a RemoteEngine (engines.py)
+        self.engine = policy  # what samples the groups: the policy in-process, or a RemoteEngine (rollout/engines.py)
         self.k, self.top_k, self.config_hash, self.system = k, top_k, config_hash, system
         self.sampling = sampling or SamplingConfig(k=k)
         self.experience = experience  # training-free mode: an ExperienceLibrary whose lessons go in the prompt
@@ -115,7 +115,7 @@ class GRPOAgent:
         """An agent wired as a Config says: its policy, fact index (retrieval.index), scorer and a store at
         `store_path` (None: nothing logged). Pass `policy`, `index` or `embedder` to reuse loaded ones."""
         from .config import config_hash
-        from .policy import load_policy
+        from .rollout.policy import load_policy
         from .retrieval import Embedder, FactIndex
         from .scoring import build_self_scorer, scorer_needs
         from .store import TrajectoryStore
@@ -141,7 +141,7 @@ class GRPOAgent:
         agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
                     top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg), guard=guard)
         agent.embedder = embedder
-        from .engines import rollout_engine
+        from .rollout.engines import rollout_engine
 
         agent.engine = rollout_engine(cfg.sampling.engine, policy)
         return agent

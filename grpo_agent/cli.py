@@ -41,7 +41,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .config import load_config
-    from .policy import load_policy
+    from .rollout.policy import load_policy
 
     cfg = load_config(args.config)
     policy_cfg = dataclasses.replace(
@@ -54,7 +54,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.question}
     ]
-    from .engines import rollout_engine
+    from .rollout.engines import rollout_engine
 
     params = {k: v for k, v in dataclasses.asdict(sampling).items() if k != "engine"}
     (group,) = rollout_engine(sampling.engine, policy).sample([messages], **params)
@@ -152,7 +152,7 @@ def _run_tasks(args: argparse.Namespace) -> int:
                              f"{args.index}` first")
     policy = None
     if args.propose or args.mixed_only:
-        from .policy import load_policy
+        from .rollout.policy import load_policy
 
         policy = load_policy(args.model)
     tasks, report = make_tasks(index, args.per_passage, args.seed, args.top_k, policy=policy if args.propose
@@ -478,7 +478,7 @@ def _add_update(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_update(args: argparse.Namespace) -> int:
-    from .policy import load_policy
+    from .rollout.policy import load_policy
     from .rundir import Promoted, RunDir
     from .store import TrajectoryStore
     from .updater import GRPOUpdater, latest_checkpoint, train_with_checkpoints

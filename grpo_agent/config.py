@@ -48,7 +48,7 @@ class SamplingConfig:
     temperature: float = 1.0  # log-probs are of logits / temperature; 0 means greedy
     top_p: float = 1.0  # nucleus sampling; log-probs stay those of the full tempered distribution
     seed: int | None = None  # fixed seed: the same group for the same prompts and weights
-    engine: str = ""  # "" samples in-process; a URL (http://127.0.0.1:8000) samples on a vLLM server (engines.py)
+    engine: str = ""  # "" samples in-process; a URL (http://127.0.0.1:8000) samples on a vLLM server (rollout/engines.py)
 
     def __post_init__(self) -> None:
         if self.engine and not str(self.engine).startswith(("http://", "https://")):

@@ -77,7 +77,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_model_dir):
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
 
     return load_policy(str(tiny_model_dir), device="cpu")
 
@@ -85,7 +85,7 @@ def tiny_policy(tiny_model_dir):
 @pytest.fixture(scope="session")
 def bundled_policy():
     """The real bundled SmolLM2-135M-Instruct (converted once into the user's grpo-agent cache)."""
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
 
     return load_policy("default", device="cpu")
 

@@ -5,7 +5,7 @@ import sys
 import torch.distributed as dist
 
 from grpo_agent.config import UpdateConfig
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.updater import GRPOUpdater
 
 model_dir, out = sys.argv[1], sys.argv[2]

@@ -8,7 +8,7 @@ import time
 
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import SamplingConfig, ScoringConfig
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.scoring import build_self_scorer
 from grpo_agent.server import ServerConfig, serve
 from grpo_agent.store import TrajectoryStore

@@ -6,7 +6,7 @@ from agent_fixtures import FACTS, make_agent
 
 from grpo_agent.agent import AgentError, GRPOAgent, split_task
 from grpo_agent.config import UpdateConfig
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.updater import GRPOUpdater
 
 

@@ -9,7 +9,7 @@ import torch
 from test_updater import CHATS, token_logprobs
 
 from grpo_agent.config import UpdateConfig
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.updater import GRPOUpdater
 
 pytestmark = [pytest.mark.gpu,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from grpo_agent import decoding
-from grpo_agent.decoding import decode, prefill, shares_prefix, shared_prefix_attention
+from grpo_agent.rollout import decoding
+from grpo_agent.rollout.decoding import decode, prefill, shares_prefix, shared_prefix_attention
 
 PROMPTS = [[1, 5, 9, 13, 2], [1, 7, 3], [1, 4, 4, 8, 15, 16, 23, 42, 11]]  # different lengths: left padding
 
@@ -81,7 +81,7 @@ def test_models_it_cannot_serve_decode_the_plain_way(tiny_policy, monkeypatch):
 
 
 def test_two_models_decoding_at_once_each_get_and_give_back_their_setting(tiny_model_dir):
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
 
     a, b = load_policy(str(tiny_model_dir), device="cpu").model, load_policy(str(tiny_model_dir), device="cpu").model
     before = a.config._attn_implementation

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_agent.engines import EngineError, RemoteEngine
+from grpo_agent.rollout.engines import EngineError, RemoteEngine
 
 VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 START_SECONDS = 420  # vLLM starts in about 1-3 minutes on 2 CPU cores
@@ -98,7 +98,7 @@ def vllm_server(vllm_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(vllm_model_dir):
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
 
     return load_policy(str(vllm_model_dir), device="cpu")
 
@@ -144,7 +144,7 @@ def lora_adapter(model_dir, path, seed=1):
 
 
 def test_a_loaded_adapter_changes_the_samples_and_is_recorded(vllm_server, vllm_model_dir, tmp_path):
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
 
     local = load_policy(str(vllm_model_dir), device="cpu")
     lora_adapter(vllm_model_dir, tmp_path / "v1")
@@ -161,7 +161,7 @@ def test_a_loaded_adapter_changes_the_samples_and_is_recorded(vllm_server, vllm_
 
 
 def test_a_server_serving_other_weights_is_refused_with_the_fix(vllm_server, vllm_model_dir, tmp_path):
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
 
     other = load_policy(str(vllm_model_dir), device="cpu")
     other.load_adapter(lora_adapter(vllm_model_dir, tmp_path / "other", seed=2))  # in-process differs from served
@@ -184,7 +184,7 @@ def test_the_loop_samples_on_vllm_and_serves_it_each_promoted_adapter(vllm_serve
 
     from grpo_agent.config import LoopConfig, UpdateConfig
     from grpo_agent.loop import SelfImprovementLoop
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
 
     policy = load_policy(str(vllm_model_dir), device="cpu")
     agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite")

@@ -8,7 +8,7 @@ from agent_fixtures import EVAL, TASKS, make_agent
 from grpo_agent.config import Config, LoopConfig
 from grpo_agent.experience import ExperienceError, ExperienceLibrary, Operation, parse_operation
 from grpo_agent.loop import SelfImprovementLoop
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.records import Completion, Group
 
 

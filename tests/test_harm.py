@@ -181,7 +181,7 @@ def test_a_loop_with_red_team_tasks_records_harmful_and_refusal_rates(tiny_model
 
     from grpo_agent.config import LoopConfig, UpdateConfig
     from grpo_agent.loop import SelfImprovementLoop
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
     from grpo_agent.report import write_report
 
     agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, tmp_path / "run" / "store.sqlite", k=2, max_new_tokens=6)

@@ -14,7 +14,7 @@ from langchain_core.tools import tool
 from grpo_agent.agent import Reply
 from grpo_agent.integrations.langchain import GRPOChatModel, GRPORunRecorder, to_chat
 from grpo_agent.toolcalls import parse_tool_call
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.records import Completion
 
 ROOT = Path(__file__).resolve().parent.parent

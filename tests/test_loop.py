@@ -10,7 +10,7 @@ from agent_fixtures import EVAL, TASKS, make_agent
 
 from grpo_agent.config import LoopConfig, UpdateConfig
 from grpo_agent.loop import LoopError, SelfImprovementLoop, gate
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.report import write_report
 from grpo_agent.rundir import EvalResult
 
@@ -85,7 +85,7 @@ sys.path.insert(0, {tests!r})
 from agent_fixtures import EVAL, TASKS, make_agent
 from grpo_agent.config import LoopConfig, UpdateConfig
 from grpo_agent.loop import SelfImprovementLoop
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.rundir import EvalResult
 from grpo_agent.retrieval import Embedder
 import grpo_agent.updater as updater

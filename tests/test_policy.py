@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from grpo_agent.errors import ModelLoadError
-from grpo_agent.decoding import top_p_filter
-from grpo_agent.policy import BUNDLED_INSTALL, load_policy
+from grpo_agent.rollout.decoding import top_p_filter
+from grpo_agent.rollout.policy import BUNDLED_INSTALL, load_policy
 
 CHATS = [
     [{"role": "user", "content": "Is the snow leopard endangered?"}],
@@ -151,7 +151,7 @@ def test_auto_device_is_cpu_fp32_without_gpu(tiny_policy):
 def test_model_without_chat_template_is_refused(tiny_policy):
     import copy
 
-    from grpo_agent.policy import Policy
+    from grpo_agent.rollout.policy import Policy
 
     tokenizer = copy.deepcopy(tiny_policy.tokenizer)
     tokenizer.chat_template = None
@@ -165,7 +165,7 @@ def refuse(*a, **k):
     raise RuntimeError("network access attempted")
 socket.socket.connect = refuse
 socket.create_connection = refuse
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 policy = load_policy(sys.argv[1], device="cpu")
 groups = policy.sample([[{"role": "user", "content": "Hello?"}]], k=2, max_new_tokens=4, seed=0)
 print("ok", len(groups[0].completions))
@@ -194,7 +194,7 @@ def test_bundled_model_loads_offline():
 
 @pytest.mark.bundled
 def test_bundled_model_samples_answers(bundled_policy):
-    from grpo_agent.policy import cache_root
+    from grpo_agent.rollout.policy import cache_root
 
     assert bundled_policy.name == "SmolLM2-135M-Instruct"
     assert any((cache_root() / "models").glob("SmolLM2-135M-Instruct-*/model.safetensors"))

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from agent_fixtures import make_agent
 
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.server import ServerConfig, create_app
 
 KEY = "test-key"

@@ -9,7 +9,7 @@ import torch
 
 from grpo_agent.config import UpdateConfig
 from grpo_agent.grpo import completion_logprobs
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.updater import GRPOUpdater, Row, UpdateError, latest_checkpoint, pack
 
 CHATS = [[{"role": "user", "content": q}] for q in

@@ -39,7 +39,7 @@ from grpo_agent.agent import GRPOAgent
 from grpo_agent.calibrate import fit_weights, metrics
 from grpo_agent.config import Config, SamplingConfig, ScoringConfig, UpdateConfig
 from grpo_agent.evaluation import is_correct
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.scoring import ScoreResult, combine

@@ -25,7 +25,7 @@ from benchlib import DATA, harmful_rate, read_jsonl, write_report
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig, UpdateConfig
 from grpo_agent.evaluation import evaluate
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.updater import GRPOUpdater

@@ -44,7 +44,7 @@ from benchlib import DATA, harmful_rate, read_jsonl, resumable, units, write_rep
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig, UpdateConfig
 from grpo_agent.evaluation import is_correct
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.scoring import SelfScorer, make_scorer

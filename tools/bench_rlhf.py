@@ -39,7 +39,7 @@ from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import LORA_TARGETS, Config, SamplingConfig, UpdateConfig
 from grpo_agent.evaluation import is_correct
 from grpo_agent.grpo import completion_logprobs
-from grpo_agent.policy import convert_bundled, load_policy
+from grpo_agent.rollout.policy import convert_bundled, load_policy
 from grpo_agent.retrieval import Embedder
 from grpo_agent.updater import GRPOUpdater, Row, collate
 

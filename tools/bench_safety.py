@@ -37,7 +37,7 @@ from benchlib import DATA, read_jsonl, resumable, units, write_report
 
 from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, SamplingConfig, ScoringConfig, UpdateConfig
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.redteam import CONTRAST, is_redteam, mix, practice_tasks
 from grpo_agent.retrieval import Embedder, FactIndex

@@ -10,7 +10,7 @@ Target (issue #2): sample with log-probs costs no more than 1.1x plain generate.
 scaling: --batches prompts of about --prompt-tokens tokens (retrieved notes and a question, as the agent builds
 them), K samples each, every row decoding exactly --scaling-new-tokens tokens, each batch in a fresh process so
 that its peak memory (the process's maximum resident set, less the same process's after loading the model) is
-its own. Both decodes of grpo_agent.decoding are measured: the shared prompt cache (what Policy.sample uses) and
+its own. Both decodes of grpo_agent.rollout.decoding are measured: the shared prompt cache (what Policy.sample uses) and
 the plain one (the prompt cache repeated K times; skipped above --plain-max prompts, where it would not fit).
 Alongside: the expected cache sizes (one copy of the prompts' cache plus the completions' cache, and K copies)
 and this machine's roofline, 2 x parameters FLOPs per token at the fp32 matmul rate measured in the same run.
@@ -36,7 +36,7 @@ import torch
 
 from benchlib import DATA, read_jsonl, write_report
 
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 
 QUESTIONS = [
     "Why are snow leopards endangered, and what helps protect them?",
@@ -113,7 +113,7 @@ def rss_bytes() -> int:
 
 def one_batch(args) -> None:
     """Child process: decode one batch one way; print its figures as JSON."""
-    from grpo_agent import decoding
+    from grpo_agent.rollout import decoding
 
     policy = load_policy(args.model)
     prompts = long_prompts(policy, args.one, args.prompt_tokens)

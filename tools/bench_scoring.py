@@ -36,7 +36,7 @@ from tqdm import tqdm
 from grpo_agent.calibrate import metrics
 from grpo_agent.config import ScoringConfig
 from grpo_agent.evaluation import is_correct
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.prompts import answer_messages
 from grpo_agent.records import Completion, Group, Passage
 from grpo_agent.retrieval import Embedder, FactIndex

@@ -34,7 +34,7 @@ from grpo_agent.agent import GRPOAgent
 from grpo_agent.config import Config, LoopConfig, SamplingConfig, ScoringConfig, UpdateConfig
 from grpo_agent.evaluation import evaluate
 from grpo_agent.loop import SelfImprovementLoop
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex
 

@@ -45,7 +45,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """One configuration, in this process (called in a child process by main)."""
     from grpo_agent.config import UpdateConfig
-    from grpo_agent.policy import load_policy
+    from grpo_agent.rollout.policy import load_policy
     from grpo_agent.records import Completion, Group
     from grpo_agent.updater import GRPOUpdater
 

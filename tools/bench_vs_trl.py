@@ -60,7 +60,7 @@ def run_trl(args, lora: bool) -> dict:
     import trl
     from transformers import AutoTokenizer, TrainerCallback
 
-    from grpo_agent.policy import convert_bundled
+    from grpo_agent.rollout.policy import convert_bundled
     from grpo_agent.records import Completion, Group
     from grpo_agent.scoring import ScoreContext
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from benchlib import DATA, read_jsonl
 from tqdm import tqdm
 
-from grpo_agent.policy import load_policy
+from grpo_agent.rollout.policy import load_policy
 from grpo_agent.prompts import answer_messages
 from grpo_agent.records import Passage
 from grpo_agent.retrieval import Embedder, FactIndex

@@ -16,12 +16,12 @@ from typing import Sequence
 
 import torch
 
-from .config import PolicyConfig
+from ..config import PolicyConfig
 from .decoding import decode, left_pad
-from .errors import ModelLoadError
-from .hub import no_progress_bars, packaged_path
-from .records import Completion, Group
-from .rundir import replacing
+from ..errors import ModelLoadError
+from ..hub import no_progress_bars, packaged_path
+from ..records import Completion, Group
+from ..rundir import replacing
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Policy:
     def completion(self, prompt_ids: Sequence[int], text: str, temperature: float = 1.0) -> Completion:
         """`text` as a completion of `prompt_ids` that the sampler did not write (its tokens and a stop token), with
         the log-probs this model gives them at `temperature`: a candidate the updater can train on."""
-        from .grpo import completion_logprobs
+        from ..grpo import completion_logprobs
 
         stop = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.stop_token_ids[0]
         ids = self.tokenizer.encode(text, add_special_tokens=False) + [stop]
@@ -266,7 +266,7 @@ class Policy:
     ) -> list[Group]:
         """Sample K completions for every chat in one batched, KV-cached decode; one Group per chat.
 
-        Each prompt is prefilled once and its cache shared by its K rows (grpo_agent.decoding); rows that stop
+        Each prompt is prefilled once and its cache shared by its K rows (grpo_agent.rollout.decoding); rows that stop
         are dropped from the batch. Log-probs are log_softmax(logits / temperature) at the sampled token,
         before top-p, exactly what a forward pass over the sequence recomputes (temperature 0: greedy, log-probs
         at temperature 1).

@@ -2,7 +2,7 @@
 
 Two engines answer `sample(...)` the same way (`Policy.sample`'s signature: K completions per chat, their token
 ids and tempered log-probs, the weights version that wrote them):
-  Policy        in-process, on transformers (grpo_agent.policy and grpo_agent.decoding): the default;
+  Policy        in-process, on transformers (grpo_agent.rollout.policy and grpo_agent.rollout.decoding): the default;
   RemoteEngine  an OpenAI-compatible inference server (vLLM 0.32, tested) that serves the same base model with
                 LoRA enabled. Prompts go as token ids (our chat template, our encoding), each chat's K samples
                 as one request with `n` = K, sent concurrently so the server batches them, with every other
@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from .errors import EngineError
-from .records import Completion, Group
+from ..errors import EngineError
+from ..records import Completion, Group
 
 LOGPROB_TOLERANCE = 0.05  # the largest |server - in-process| log-prob check_logprobs accepts (fp32 both: ~1e-4)
 NEUTRAL = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
@@ -133,7 +133,7 @@ class RemoteEngine:
         difference."""
         import torch
 
-        from .grpo import completion_logprobs
+        from ..grpo import completion_logprobs
 
         (group,) = self.sample([list(chat)], k=2, max_new_tokens=8, temperature=0.7, seed=0)
         worst = 0.0

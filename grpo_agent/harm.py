@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import read_toml
 from .errors import ConfigError
+from .hub import cached_embeddings
 from .text import split_sentences
 
 DEFAULT_RULES = Path(__file__).resolve().parent / "scoring" / "rules" / "conservation.toml"
@@ -283,17 +284,18 @@ class ExampleClassifier:
             return
         texts = [e.text for e in examples]
         self.words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit([mask(t) for t in texts])
-        self.model = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(self.features(texts), labels)
+        features = self.features(texts, cached_embeddings(embedder, texts))  # the same examples at every load
+        self.model = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(features, labels)
 
     def __bool__(self) -> bool:
         return self.model is not None
 
-    def features(self, texts: Sequence[str]):
-        """(T, words + D) sparse: the masked TF-IDF beside the sentence embedding."""
+    def features(self, texts: Sequence[str], embedded=None):
+        """(T, words + D) sparse: the masked TF-IDF beside the sentence embedding (`embedded`, if given)."""
         from scipy.sparse import csr_matrix, hstack
 
-        return hstack([self.words.transform([self.mask(t) for t in texts]),
-                       csr_matrix(self.embedder.encode(list(texts)))]).tocsr()
+        vectors = self.embedder.encode(list(texts)) if embedded is None else embedded
+        return hstack([self.words.transform([self.mask(t) for t in texts]), csr_matrix(vectors)]).tocsr()
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """(T,) P(harmful) in [0, 1]; NaN for every text when there is nothing to learn from."""

@@ -1,9 +1,11 @@
-"""Offline loading helpers shared by the policy and the embedder."""
+"""Offline loading helpers shared by the policy, the embedder and the harm detector, and the cache they share."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -33,3 +35,37 @@ def packaged_path(module: str, relative: str, package: str, install: str, error:
         reinstall = install.replace("pip install", "pip install --force-reinstall", 1)
         raise error(f"the {package} package is installed but {path} is missing. Reinstall it with: {reinstall}")
     return path
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted models are cached: the argument, else $GRPO_AGENT_CACHE, else the user cache dir."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("GRPO_AGENT_CACHE"):
+        return Path(os.environ["GRPO_AGENT_CACHE"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("grpo-agent"))
+
+
+def cached_embeddings(embedder, texts: list[str]):
+    """embedder.encode(texts), kept in the cache (embeddings/, one .npy per embedder and text list) so that
+    loading the same labelled examples again does not embed them again."""
+    import numpy as np
+
+    name = getattr(embedder, "name", None)
+    if not name:  # an embedder that does not say which model it is: nothing to key a cache on
+        return embedder.encode(texts)
+    key = hashlib.sha1("\x00".join([name, *texts]).encode()).hexdigest()[:20]
+    path = cache_root() / "embeddings" / f"{key}.npy"
+    if path.exists():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):  # a torn or foreign file: embed again and replace it
+            pass
+    vectors = embedder.encode(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(partial, vectors, allow_pickle=False)
+    os.replace(partial, path)
+    return vectors

@@ -194,7 +194,7 @@ def test_bundled_model_loads_offline():
 
 @pytest.mark.bundled
 def test_bundled_model_samples_answers(bundled_policy):
-    from grpo_agent.rollout.policy import cache_root
+    from grpo_agent.hub import cache_root
 
     assert bundled_policy.name == "SmolLM2-135M-Instruct"
     assert any((cache_root() / "models").glob("SmolLM2-135M-Instruct-*/model.safetensors"))

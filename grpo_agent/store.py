@@ -364,6 +364,16 @@ class TrajectoryStore:
         sql = f"SELECT count(*) FROM (SELECT 1 FROM groups{where}{_limit(limit, params)})"
         return self._conn.execute(sql, params).fetchone()[0]
 
+    def logged(self, group_ids: Sequence[str]) -> set[str]:
+        """Those of `group_ids` already in the store."""
+        ids = list(group_ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):  # SQLite caps the parameters of one statement
+            part = ids[start : start + 500]
+            sql = f"SELECT group_id FROM groups WHERE group_id IN ({', '.join('?' * len(part))})"
+            found.update(row[0] for row in self._conn.execute(sql, part))
+        return found
+
     def steps(self, group_id: str) -> list[dict]:
         """The steps attached to a group, in the order they were attached."""
         self._require_group(self._conn, group_id)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import EngineError
+from ..errors import ConfigError, EngineError
 from ..records import Completion, Group
 
 LOGPROB_TOLERANCE = 0.05  # the largest |server - in-process| log-prob check_logprobs accepts (fp32 both: ~1e-4)
@@ -172,4 +172,7 @@ class RemoteEngine:
 def rollout_engine(url: str, policy):
     """What samples the groups for a `sampling.engine` setting: the policy in-process for "", else a RemoteEngine
     on the server at `url`."""
+    if "," in url:
+        raise ConfigError(f"sampling.engine = {url!r} lists several servers: one per rollout worker (loop.workers "
+                          ">= 1, `grpo-agent loop --workers N`); an agent samples on one")
     return RemoteEngine(url, policy) if url else policy

@@ -155,9 +155,12 @@ class UpdateConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     seed: int = 0
+    processes: int = 1  # the loop's update on this many processes under torchrun (DDP); 1: in the loop's own
 
     def __post_init__(self) -> None:
         _check_choice("update.loss_type", self.loss_type, LOSS_TYPES)
+        if not isinstance(self.processes, int) or self.processes < 1:
+            raise ConfigError(f"update.processes = {self.processes!r}: an integer >= 1 (1: in the loop's process)")
         _check_choice("update.importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
         for key in ("beta", "epsilon_low", "epsilon_high", "weight_decay", "max_grad_norm", "lora_dropout"):
             value = getattr(self, key)

@@ -22,6 +22,7 @@ for this process to log.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from .redteam import mix, paraphrase, practice_tasks, safety_rates
 from .rollout.workers import Chunk
 from .rundir import BASE, EvalResult, LoopState, PendingGate, Promoted, RunDir
 from .tasks import corpus_answer
+from .update_job import run_update
 from .updater import GRPOUpdater, latest_checkpoint, train_with_checkpoints
 
 if TYPE_CHECKING:
@@ -260,12 +262,26 @@ class SelfImprovementLoop:
                 best[key] = value
 
     def update(self, r: int, groups: Sequence[Group]) -> None:
-        """Train on the round's groups, checkpointing every `checkpoint_every` steps."""
+        """Train on the round's groups, checkpointing every `checkpoint_every` steps: in this process, or
+        (update.processes > 1) under torchrun, from the weights this process holds to the checkpoint it then
+        resumes from."""
         if self.state.update_from_step is None:  # the step this round's update starts after
             self.state.update_from_step = self.updater.step
             self._save_state()
-        train_with_checkpoints(self.updater, groups, self.dir.checkpoints, self.cfg.checkpoint_every,
-                               desc=f"round {r} update", progress=self.progress)
+        if self.update_cfg.processes == 1:
+            train_with_checkpoints(self.updater, groups, self.dir.checkpoints, self.cfg.checkpoint_every,
+                                   desc=f"round {r} update", progress=self.progress)
+            return
+        if self.agent.config is None:
+            raise LoopError("update.processes > 1 runs the update in new processes, which load the policy from the "
+                            "agent's config: build the agent with GRPOAgent.from_config")
+        self.updater.save_checkpoint(self.dir.checkpoints)  # what the processes start from
+        reference = (None if self.state.reference_version == BASE
+                     else str(self.dir.snapshot(self.state.reference_version, self.kind)))
+        run_update(self.dir.path, self.agent.store.path, self.dir.checkpoints,
+                   dataclasses.asdict(self.agent.config.policy), dataclasses.asdict(self.update_cfg),
+                   [g.group_id for g in groups], reference, self.cfg.checkpoint_every, self.update_cfg.processes)
+        self.updater.resume(self.dir.checkpoints)
 
     def _finish_gate(self, pending: PendingGate, groups: Sequence[Group] | None = None) -> dict:
         """Apply a journaled gate decision; every step is safe to repeat after a kill. `groups` are the round's

@@ -201,3 +201,33 @@ def test_a_short_run_on_the_bundled_model(bundled_policy, tmp_path):
     after = [sequence_logprob(policy, g, 0) for g in groups]
     assert all(a > b for a, b in zip(after, before))
     assert history[-1]["kl"] < 0.1
+
+
+def test_the_loops_update_on_two_processes_under_torchrun_equals_one(tiny_model_dir, embedder, tmp_path):
+    from agent_fixtures import EVAL, FACTS, TASKS
+
+    from grpo_agent.agent import GRPOAgent
+    from grpo_agent.config import Config, LoopConfig, PolicyConfig, RetrievalConfig, SamplingConfig
+    from grpo_agent.loop import SelfImprovementLoop
+    from grpo_agent.retrieval import FactIndex
+
+    FactIndex.build(FACTS, embedder).save(tmp_path / "facts")
+    adapters, rows = {}, {}
+    for n in (1, 2):
+        cfg = Config(policy=PolicyConfig(model=str(tiny_model_dir), device="cpu"),
+                     sampling=SamplingConfig(k=4, max_new_tokens=12, seed=7),
+                     retrieval=RetrievalConfig(index=str(tmp_path / "facts"), top_k=2),
+                     update=UpdateConfig(learning_rate=5e-2, lora_r=8, groups_per_step=2, processes=n))
+        run = tmp_path / f"run{n}"
+        agent = GRPOAgent.from_config(cfg, store_path=run / "store.sqlite", embedder=embedder)
+        loop = SelfImprovementLoop(agent, run, TASKS, EVAL, cfg.update,
+                                   LoopConfig(tasks_per_round=4, eval_k=2, eval_size=2, margin=1.0), batch=2,
+                                   progress=False)
+        (rows[n],) = loop.run(1)
+        adapters[n] = {k: p.detach().clone() for k, p in agent.policy.model.named_parameters() if "lora_B" in k}
+        assert loop.updater.step == 2 and rows[n]["steps"] == 2  # 4 groups, 2 a step: what this process now holds
+    assert (tmp_path / "run2" / "update_job.json").is_file() and not (tmp_path / "run1" / "update_job.json").exists()
+    assert any(w.abs().sum() > 0 for w in adapters[2].values())  # the processes trained, and the loop has it
+    for name, w in adapters[1].items():  # equal up to the order of the gradient sums (Adam's first steps
+        assert (w - adapters[2][name]).abs().max() <= 1e-2 * w.abs().max(), name  # magnify that a little)
+    assert rows[1]["eval"]["value"] == pytest.approx(rows[2]["eval"]["value"], abs=1e-3)

@@ -1,0 +1,96 @@
+"""The loop's update on several processes: `update.processes = N` runs each round's update under torchrun
+(DDP: gloo on CPU, nccl on GPU), and the loop picks the result up from the run directory's checkpoint.
+
+The loop writes the job (its policy and update settings, the round's group ids, the KL reference) to
+`update_job.json` in the run directory and checkpoints the weights it holds; each of the N processes loads
+the policy, resumes from that checkpoint, reads the groups from the store and trains on its share of every
+step's rows (GRPOUpdater splits them by rank), rank 0 writing the checkpoints and metrics.jsonl as a single
+process would. The result equals the single-process update (tests/test_updater.py, tests/test_loop.py).
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m grpo_agent.update_job RUN/update_job.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UpdateError
+
+JOB = "update_job.json"
+
+
+def run_update(run_dir: Path, store: Path, checkpoints: Path, policy: dict, update: dict, group_ids: Sequence[str],
+               reference: str | None, checkpoint_every: int, processes: int, timeout: float | None = None) -> None:
+    """Train on `group_ids` from `store` under torchrun on `processes` processes, from the newest checkpoint in
+    `checkpoints` to a new one there. UpdateError (with the end of their output) when they fail."""
+    job = run_dir / JOB
+    job.write_text(json.dumps({"policy": policy, "update": update, "group_ids": list(group_ids),
+                               "store": str(store), "checkpoints": str(checkpoints), "reference": reference,
+                               "checkpoint_every": checkpoint_every}) + "\n", encoding="utf-8")
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "grpo_agent.update_job", str(job)]
+    try:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                                preexec_fn=_die_with_parent)
+    except subprocess.TimeoutExpired as e:
+        raise UpdateError(f"the update on {processes} processes ran past {timeout:g} s; rerun the loop to resume "
+                          "from its last checkpoint") from e
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+        raise UpdateError(f"the update on {processes} processes (torchrun) failed with exit code "
+                          f"{result.returncode}; rerun the loop to resume from its last checkpoint. Its output ended:"
+                          f"\n{tail}")
+
+
+def _die_with_parent() -> None:
+    """Linux: torchrun gets SIGTERM (and stops its processes) if the loop dies, instead of training on alone."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(job_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from .config import PolicyConfig, UpdateConfig
+    from .rollout.policy import load_policy
+    from .store import TrajectoryStore
+    from .updater import GRPOUpdater, train_with_checkpoints
+
+    path = Path(job_path)
+    job = json.loads(path.read_text(encoding="utf-8"))
+    run, checkpoints = path.parent, Path(job["checkpoints"])
+    policy_cfg = PolicyConfig(**job["policy"])
+    dist.init_process_group("nccl" if policy_cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
+    try:
+        if torch.cuda.is_available() and policy_cfg.device != "cpu":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        policy = load_policy(policy_cfg)
+        updater = GRPOUpdater(policy, UpdateConfig(**job["update"]), output_dir=run)
+        if not updater.resume(checkpoints):
+            raise UpdateError(f"{checkpoints} holds no checkpoint to start the update from")
+        if job["reference"]:
+            updater.reset_reference(job["reference"])
+        with TrajectoryStore(job["store"]) as store:
+            groups = store.groups(ids=job["group_ids"])
+        if len(groups) != len(job["group_ids"]):
+            raise UpdateError(f"the store holds {len(groups)} of the job's {len(job['group_ids'])} groups")
+        train_with_checkpoints(updater, groups, checkpoints, job["checkpoint_every"], progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

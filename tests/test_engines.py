@@ -2,29 +2,17 @@
 `make .venv-vllm/.installed`, which `make test` runs), started here on 127.0.0.1 with a tiny model."""
 
 import os
-import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from grpo_agent.rollout.engines import EngineError, RemoteEngine
+from grpo_agent.rollout.vllm_server import VLLM_PYTHON, VLLMServer, free_port
 
-VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
-START_SECONDS = 420  # vLLM starts in about 1-3 minutes on 2 CPU cores
 CHATS = [[{"role": "user", "content": "Is the snow leopard endangered?"}],
          [{"role": "user", "content": "What harms sea turtle hatchlings on beaches?"}]]
 
 pytestmark = pytest.mark.vllm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,56 +32,23 @@ def vllm_model_dir(tmp_path_factory):
     return path
 
 
-def _die_with_parent() -> None:
-    """In the server's process: be sent SIGTERM when pytest dies, even killed (Linux prctl PR_SET_PDEATHSIG), so a
-    killed test run leaves no server behind; vLLM stops its engine process on SIGTERM."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 @pytest.fixture(scope="module")
 def vllm_server(vllm_model_dir, tmp_path_factory):
-    """`vllm serve` as its own process on 127.0.0.1 (LoRA on, tempered log-probs); stopped after the module."""
+    """vLLM's OpenAI server as its own process on 127.0.0.1 (LoRA on, tempered log-probs); stopped after the module."""
     if not VLLM_PYTHON.is_file():
         if os.environ.get("CI"):
             pytest.fail(f"{VLLM_PYTHON} is missing: `make test` makes it (make .venv-vllm/.installed)")
         pytest.skip("no vLLM environment: make .venv-vllm/.installed")
-    work = tmp_path_factory.mktemp("vllm")
-    port = free_port()
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache"), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-    log = (work / "server.log").open("w")
-    proc = subprocess.Popen(  # its own session (so it and its engine process stop together), ended with us
-        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model_dir),
-         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8", "--logprobs-mode",
-         "processed_logprobs", "--max-num-seqs", "32"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_SECONDS
+    server = VLLMServer(vllm_model_dir, tmp_path_factory.mktemp("vllm"), name="tiny", max_lora_rank=8,
+                        max_num_seqs=32)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}:\n{(work / 'server.log').read_text()[-3000:]}")
-            try:
-                import urllib.request
-
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vLLM did not answer in {START_SECONDS} s:\n{(work / 'server.log').read_text()[-3000:]}")
-                time.sleep(2)
+        url = server.start()
+    except EngineError as e:
+        pytest.fail(str(e))
+    try:
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine process it started, nothing else
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")

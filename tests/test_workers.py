@@ -96,7 +96,10 @@ def test_a_worker_killed_mid_round_is_replaced_and_nothing_is_lost_or_logged_twi
     two.on_submit = kill_the_first
     loop = SelfImprovementLoop(agent, run, TASKS, EVAL, config.update, loop_cfg, batch=2, progress=False,
                                workers=two)
-    (row,) = loop.run(1)
+    try:
+        (row,) = loop.run(1)
+    finally:
+        two.on_submit = None
     assert two.replaced == 1 and killed[0] not in two.pids
     assert row["promoted"] and row["groups"] == 6
     groups = agent.store.groups(source="loop")

@@ -161,7 +161,11 @@ class RemoteEngine:
             self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path),
                                                           "load_inplace": True}, reply="text")
             if self.model != self.base:
-                self._call("POST", "/v1/unload_lora_adapter", {"lora_name": self.model}, reply="text")
+                try:
+                    self._call("POST", "/v1/unload_lora_adapter", {"lora_name": self.model}, reply="text")
+                except EngineError as e:  # rollout workers sharing a server: another one unloaded it already
+                    if " answered 404" not in str(e):
+                        raise
         self.model, self.version = name, version
 
     def completion(self, prompt_ids, text: str, temperature: float = 1.0) -> Completion:

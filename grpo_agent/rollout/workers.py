@@ -144,7 +144,7 @@ class RolloutWorkers:
     def _ready(self, i: int) -> int:
         try:
             return self._ray.get(self.workers[i].ready.remote(), timeout=self.timeout)
-        except self._ray.exceptions.RayActorError as e:
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError) as e:
             self.close()
             raise LoopError(f"rollout worker {i} could not start: {_cause(e)}") from None
 
@@ -192,6 +192,7 @@ class RolloutWorkers:
         if failures[c] >= RETRIES:
             raise LoopError(f"the chunk of tasks from cursor {chunk.start} took down {failures[c]} rollout workers "
                             f"(last: {why}); the groups logged so far are kept, and rerunning resumes here")
+        self._ray.kill(self.workers[i], no_restart=True)  # (one only unreachable would keep its share)
         self.workers[i] = self._spawn(i)
         self.pids[i] = self._ready(i)
         self.replaced += 1

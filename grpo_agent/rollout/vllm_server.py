@@ -75,18 +75,21 @@ class VLLMServer:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        while True:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise EngineError(f"vLLM exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                urllib.request.urlopen(self.url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() - t0 > self.start_seconds:
-                    self.stop()
-                    raise EngineError(f"vLLM did not answer in {self.start_seconds:g} s:\n{self.log_tail()}") from None
-                time.sleep(2)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise EngineError(f"vLLM exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    urllib.request.urlopen(self.url + "/v1/models", timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() - t0 > self.start_seconds:
+                        raise EngineError(f"vLLM did not answer in {self.start_seconds:g} s:\n{self.log_tail()}"
+                                          ) from None
+                    time.sleep(2)
+        except BaseException:  # (Ctrl-C too) no server left behind
+            self.stop()
+            raise
         self.started_seconds = time.monotonic() - t0
         return self.url
 

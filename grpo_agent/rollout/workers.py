@@ -158,33 +158,40 @@ class RolloutWorkers:
         failures = [0] * len(chunks)
         idle = deque(range(self.n))
         following = 0
-        while following < len(chunks):
-            while idle and todo:
-                i, c = idle.popleft(), todo.popleft()
-                if self.on_submit is not None:
-                    self.on_submit(i, chunks[c], self.pids[i])
-                running[self.workers[i].answer.remote(chunks[c])] = (i, c, time.monotonic())
-            if running:
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    i, c, _ = running.pop(ref)
-                    try:
-                        done[c] = ray.get(ref)
-                    except ray.exceptions.RayActorError as e:
-                        self._replace(i, c, chunks[c], failures, todo, _cause(e))
-                    except ray.exceptions.RayTaskError as e:  # an error in our code: the worker is fine
-                        raise e.as_instanceof_cause() from None
-                    idle.append(i)
-                now = time.monotonic()
-                for ref, (i, c, t0) in list(running.items()):
-                    if now - t0 > self.timeout:
-                        running.pop(ref)
-                        ray.kill(self.workers[i], no_restart=True)
-                        self._replace(i, c, chunks[c], failures, todo, f"no answer in {self.timeout:g} s")
+        try:
+            while following < len(chunks):
+                while idle and todo:
+                    i, c = idle.popleft(), todo.popleft()
+                    if self.on_submit is not None:
+                        self.on_submit(i, chunks[c], self.pids[i])
+                    running[self.workers[i].answer.remote(chunks[c])] = (i, c, time.monotonic())
+                if running:
+                    # every result in within the second, so none that is done is taken for a timeout
+                    ready, _ = ray.wait(list(running), num_returns=len(running), timeout=1.0)
+                    for ref in ready:
+                        i, c, _ = running.pop(ref)
+                        try:
+                            done[c] = ray.get(ref)
+                        except ray.exceptions.RayActorError as e:
+                            self._replace(i, c, chunks[c], failures, todo, _cause(e))
+                        except ray.exceptions.RayTaskError as e:  # an error in our code: the worker is fine
+                            raise e.as_instanceof_cause() from None
                         idle.append(i)
-            while following in done:
-                yield chunks[following], done.pop(following)
-                following += 1
+                    now = time.monotonic()
+                    for ref, (i, c, t0) in list(running.items()):
+                        if now - t0 > self.timeout:
+                            running.pop(ref)
+                            ray.kill(self.workers[i], no_restart=True)
+                            self._replace(i, c, chunks[c], failures, todo, f"no answer in {self.timeout:g} s")
+                            idle.append(i)
+                while following in done:
+                    yield chunks[following], done.pop(following)
+                    following += 1
+        finally:  # left early (an error, or the caller stopped reading): no chunk may stay in flight
+            for i, _, _ in (running.values() if ray.is_initialized() and self.workers else ()):
+                ray.kill(self.workers[i], no_restart=True)
+                self.workers[i] = self._spawn(i)
+                self.pids[i] = self._ready(i)
 
     def _replace(self, i: int, c: int, chunk: Chunk, failures: list[int], todo: deque, why: str) -> None:
         """Worker i died on chunk c: start another in its place and put the chunk first in line."""

@@ -1,4 +1,5 @@
-"""Offline loading helpers shared by the policy, the embedder and the harm detector, and the cache they share."""
+"""Offline loading helpers shared by the policy, the embedder and the harm detector, the cache they share, and
+the tie that keeps a child process (a vLLM server, torchrun) from outliving this one."""
 
 from __future__ import annotations
 
@@ -69,3 +70,16 @@ def cached_embeddings(embedder, texts: list[str]):
     np.save(partial, vectors, allow_pickle=False)
     os.replace(partial, path)
     return vectors
+
+
+def die_with_parent() -> None:
+    """In a child process, before it execs (subprocess's preexec_fn): be sent SIGTERM when the parent dies, even
+    killed (Linux PR_SET_PDEATHSIG); elsewhere a no-op. vLLM and torchrun stop their own processes on SIGTERM."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import UpdateError
+from .hub import die_with_parent
 
 JOB = "update_job.json"
 
@@ -38,7 +39,7 @@ def run_update(run_dir: Path, store: Path, checkpoints: Path, policy: dict, upda
            "-m", "grpo_agent.update_job", str(job)]
     try:
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired as e:
         raise UpdateError(f"the update on {processes} processes ran past {timeout:g} s; rerun the loop to resume "
                           "from its last checkpoint") from e
@@ -47,17 +48,6 @@ def run_update(run_dir: Path, store: Path, checkpoints: Path, policy: dict, upda
         raise UpdateError(f"the update on {processes} processes (torchrun) failed with exit code "
                           f"{result.returncode}; rerun the loop to resume from its last checkpoint. Its output ended:"
                           f"\n{tail}")
-
-
-def _die_with_parent() -> None:
-    """Linux: torchrun gets SIGTERM (and stops its processes) if the loop dies, instead of training on alone."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def main(job_path: str) -> None:
@@ -73,9 +63,10 @@ def main(job_path: str) -> None:
     job = json.loads(path.read_text(encoding="utf-8"))
     run, checkpoints = path.parent, Path(job["checkpoints"])
     policy_cfg = PolicyConfig(**job["policy"])
-    dist.init_process_group("nccl" if policy_cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
+    gpu = policy_cfg.device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if gpu else "gloo")
     try:
-        if torch.cuda.is_available() and policy_cfg.device != "cpu":
+        if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         policy = load_policy(policy_cfg)
         updater = GRPOUpdater(policy, UpdateConfig(**job["update"]), output_dir=run)

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import EngineError
+from ..hub import die_with_parent
 
 VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 START_SECONDS = 420  # vLLM starts in about 1-3 minutes on 2 CPU cores
@@ -28,13 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the server's process: SIGTERM when its parent dies (PR_SET_PDEATHSIG); vLLM stops its engine on it."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 class VLLMServer:
@@ -74,7 +68,7 @@ class VLLMServer:
         t0 = time.monotonic()
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         try:
             while True:
                 if self.proc.poll() is not None:

@@ -105,9 +105,6 @@ class RolloutWorkers:
                  timeout: float = 1800.0):
         if n < 1:
             raise ConfigError(f"loop.workers = {n}: give at least one rollout worker (0 collects in-process)")
-        if cfg.loop.mode != "grpo":
-            raise LoopError("rollout workers sample from the promoted adapter; a training-free loop learns lessons "
-                            "from each batch as it goes, in one process: set loop.workers = 0 for it")
         self.base_config = dataclasses.asdict(cfg)
         self.engines = [u.strip() for u in cfg.sampling.engine.split(",") if u.strip()] or [""]
         self.n, self.timeout, self.cpus, self.gpus = n, timeout, cpus, gpus

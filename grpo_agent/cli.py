@@ -549,6 +549,9 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
                    help="loop.workers: rollout workers on Ray that sample and score the groups (0: in this process)")
     p.add_argument("--ray-address", help='loop.ray_address: an existing Ray cluster for the workers ("auto", '
                    '"ray://host:10001"); default: a local one on 127.0.0.1')
+    p.add_argument("--max-staleness", type=int,
+                   help="loop.max_staleness: train on groups sampled up to this many promotions back; >= 1 with "
+                   "--workers also collects the next round while this one updates")
     _add_agent_options(p)
     p.set_defaults(func=_run_loop)
 
@@ -567,7 +570,8 @@ def _run_loop(args: argparse.Namespace) -> int:
     cfg = _config(args)
     flags = {"tasks_per_round": args.tasks_per_round, "eval_size": args.eval_size, "margin": args.margin,
              "min_gain_z": args.min_gain_z, "label_free": False if args.labels else None, "mode": args.mode,
-             "redteam_share": args.redteam_share, "workers": args.workers, "ray_address": args.ray_address}
+             "redteam_share": args.redteam_share, "workers": args.workers, "ray_address": args.ray_address,
+             "max_staleness": args.max_staleness}
     loop_cfg = dataclasses.replace(cfg.loop, **{k: v for k, v in flags.items() if v is not None})
     # With rollout workers the engines are theirs: this process evaluates and trains in-process.
     here = dataclasses.replace(cfg.sampling, engine="") if loop_cfg.workers else None

@@ -222,6 +222,10 @@ class LoopConfig:
     worker_cpus: int = 1  # CPUs each worker takes (its torch threads)
     worker_gpus: float = 0.0  # GPUs each worker takes (a share, as Ray counts them)
     ray_address: str = ""  # an existing Ray cluster ("ray://host:10001" or "auto"); "": start a local one
+    # Groups sampled by a version up to this many promotions behind the weights being updated are trained on
+    # (their sampled log-probs are the old policy of the importance ratio); older ones are dropped, recorded.
+    # >= 1 with rollout workers: the workers collect the next round while this one updates, evaluates and gates.
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -252,6 +256,9 @@ class LoopConfig:
             raise ConfigError(f"loop.worker_cpus = {self.worker_cpus!r}: an integer >= 1")
         if not isinstance(self.worker_gpus, (int, float)) or self.worker_gpus < 0:
             raise ConfigError(f"loop.worker_gpus = {self.worker_gpus!r}: a number >= 0")
+        if not isinstance(self.max_staleness, int) or self.max_staleness < 0:
+            raise ConfigError(f"loop.max_staleness = {self.max_staleness!r}: an integer >= 0 (0: train only on groups "
+                              "the promoted weights sampled; 1: also collect the next round during this one's update)")
         for key in ("stop_after_rollbacks", "reference_reset_every"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:

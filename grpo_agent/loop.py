@@ -17,7 +17,8 @@ applied, so a kill during the gate finishes it on restart instead of re-deciding
 collection loses nothing and logs nothing twice: each group's id is made from the run and its place in the
 task stream, and a batch answered again after a restart writes only the groups the killed run had not.
 Collection runs in this process or on rollout workers (rollout/workers.py, Ray), which return the groups
-for this process to log.
+for this process to log; with loop.max_staleness >= 1 the workers collect the next round while this one
+updates, evaluates and gates, and the update trains on groups sampled up to max_staleness promotions back.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .errors import ContextLengthError, LoopError
 from .evaluation import evaluate, is_correct, monitors
 from .records import Group
 from .redteam import mix, paraphrase, practice_tasks, safety_rates
-from .rollout.workers import Chunk
+from .rollout.workers import Ahead, Chunk
 from .rundir import BASE, EvalResult, LoopState, PendingGate, Promoted, RunDir
 from .tasks import corpus_answer
 from .update_job import run_update
@@ -88,6 +89,8 @@ class SelfImprovementLoop:
         self.dir.path.mkdir(parents=True, exist_ok=True)
         self.batch, self.progress = batch, progress
         self.workers = workers  # rollout workers on Ray (each follows the run directory), or None: in-process
+        self._ahead: Ahead | None = None  # the next round's collection, started during this one (max_staleness)
+        self._target = 0  # the round run() is to complete
         if workers is not None and self.mode != "grpo":
             raise LoopError("rollout workers sample from the promoted adapter; a training-free loop learns lessons "
                             "from each batch as it goes, in one process: collect without workers")
@@ -173,7 +176,7 @@ class SelfImprovementLoop:
             self.state.eval_identity = identity
             self._best_monitors(result)
             self._save_state()
-        rows = []
+        rows, self._target = [], rounds
         while self.state.round < rounds:
             limit = self.cfg.stop_after_rollbacks
             if limit and self.state.rollbacks_in_a_row >= limit:
@@ -187,8 +190,12 @@ class SelfImprovementLoop:
         t0 = time.perf_counter()
         self._reset_reference(r)
         self.collect(r)  # in training-free mode the library learns from each batch as it is collected
+        self._collect_ahead(r + 1)
         store = self.agent.store
         groups = store.groups(unconsumed=True, source="loop")  # with their info: read once for the round
+        # Groups sampled too many promotions back are consumed untrained (their old policy is too far off).
+        promotions = self.promotions()
+        stale = {g.group_id for g in groups if staleness(g.policy_version, promotions) > self.cfg.max_staleness}
         if self.updater is not None:
             # Once per round: after a restart the store already holds the blended scores, which must not blend twice.
             if self.state.rescored_round != r:
@@ -196,7 +203,7 @@ class SelfImprovementLoop:
                     store.record_scores(groups)  # the store keeps the advantages the update trains on
                 self.state.rescored_round = r
                 self._save_state()
-            self.update(r, groups)
+            self.update(r, [g for g in groups if g.group_id not in stale])
         result = self.evaluate()
         promoted, reason = gate(result, self.state.promoted_eval, self.state.promoted_values,
                                 self.cfg.margin, self.cfg.min_gain_z)
@@ -207,7 +214,7 @@ class SelfImprovementLoop:
         self.state.pending = PendingGate(
             round=r, eval=result, promoted=promoted, reason=reason, guards=guards,
             version=f"r{r}" if promoted else self.state.promoted_version,
-            group_ids=[g.group_id for g in groups], seconds=time.perf_counter() - t0)
+            group_ids=[g.group_id for g in groups], stale=sorted(stale), seconds=time.perf_counter() - t0)
         self._snapshot(f"r{r}", "promoted" if promoted else "rejected")  # rejected: kept to inspect, never served
         self._save_state()
         return self._finish_gate(self.state.pending, groups)
@@ -295,7 +302,9 @@ class SelfImprovementLoop:
                 missing = len(pending.group_ids) - len(groups)
                 raise LoopError(f"{self.dir.store} lacks {missing} of the groups round {r} trained on; restore the "
                                 "store, or start a new run directory")
-        metrics = self._round_metrics(groups)  # what this round learned, before any rollback
+        stale = set(pending.stale)
+        metrics = self._round_metrics([g for g in groups if g.group_id not in stale])  # before any rollback
+        metrics["stale_groups"] = len(stale)
         if not promoted:
             self._restore(version)
         pointer = self.dir.snapshot(version, self.kind).relative_to(self.dir.path)
@@ -351,32 +360,51 @@ class SelfImprovementLoop:
             return {}
         return {"labelled_groups": labelled, "top_correct_rate": top / labelled, "sample_correct_rate": right / n}
 
-    def collect(self, r: int) -> None:
-        """Answer this round's tasks (resuming at the task cursor) and log their groups: in this process, or
-        on the rollout workers. Each batch of tasks (a chunk) is sampled with a seed made from sampling.seed
-        and its place in the task stream, so it gets the same groups wherever it is answered."""
-        end = r * self.cfg.tasks_per_round  # the cursor where this round's collection is complete
-        chunks = []
-        for start in range(self.state.cursor, end, self.batch):
+    def _chunks(self, r: int) -> list[Chunk]:
+        """Round r's tasks from the task cursor on, in batches (chunks), each with a seed made from
+        sampling.seed and its place in the task stream, so it gets the same groups wherever it is answered."""
+        end, seed, chunks = r * self.cfg.tasks_per_round, self.agent.sampling.seed, []
+        start = max(self.state.cursor, end - self.cfg.tasks_per_round)
+        for start in range(start, end, self.batch):
             tasks = [self.tasks[i % len(self.tasks)] for i in range(start, min(start + self.batch, end))]
-            seed = self.agent.sampling.seed
             chunks.append(Chunk(start, [t["question"] for t in tasks], [t.get("id") for t in tasks],
                                 [corpus_answer(t) for t in tasks],
                                 None if seed is None else (seed * 1_000_003 + start) % 2**31, {"round": r}))
+        return chunks
+
+    def collect(self, r: int) -> None:
+        """Answer this round's tasks (resuming at the task cursor) and log their groups: in this process, or
+        on the rollout workers, which may have started on them during the last round (max_staleness >= 1)."""
+        end = r * self.cfg.tasks_per_round  # the cursor where this round's collection is complete
         bar = tqdm(total=self.cfg.tasks_per_round, initial=self.cfg.tasks_per_round - (end - self.state.cursor),
                    desc=f"round {r} collect", unit="task", disable=not self.progress, leave=False)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.round == r and ahead.start == self.state.cursor:
+            for chunk, entries in ahead:  # (it stops early only when the workers are closed)
+                self._log(chunk, entries, bar)
         if self.workers is not None:
-            for chunk, entries in self.workers.answer(chunks):  # in order, while the workers answer the rest
+            for chunk, entries in self.workers.answer(self._chunks(r)):  # in order, while the workers answer the rest
                 self._log(chunk, entries, bar)
         else:
             agent = self.agent
-            for chunk in chunks:
+            for chunk in self._chunks(r):
                 answered = agent.scored_groups(chunk.questions, chunk.references, seed=chunk.seed)
                 self._log(chunk, agent.group_logs(chunk.questions, answered, chunk.task_ids, chunk.references,
                                                   chunk.meta), bar)
                 if self.mode == "training-free" and all(s is not None for s in answered.scored):
                     agent.experience.learn(answered.groups, answered.contexts, answered.scored)
         bar.close()
+
+    def _collect_ahead(self, r: int) -> None:
+        """With rollout workers and max_staleness >= 1: start round r's collection now, in the background, while
+        this process updates, evaluates and gates the round before (each chunk is sampled from what is promoted
+        when a worker takes it; its groups record that version)."""
+        if self.workers is not None and self.cfg.max_staleness >= 1 and r <= self._target:
+            self._ahead = Ahead(self.workers, self._chunks(r), r)
+
+    def promotions(self) -> dict[str, int]:
+        """Each version this run has promoted (the base first), with the round that promoted it."""
+        return {BASE: 0, **{x["policy_version"]: x["round"] for x in self.rounds() if x["promoted"] and x["round"]}}
 
     def _log(self, chunk: Chunk, entries: list[dict | None], bar: tqdm) -> None:
         """Write a chunk's groups, each under an id made from the run and its place in the task stream (a chunk
@@ -456,6 +484,14 @@ def gate(result: EvalResult, before: float, before_values: Sequence[float] | Non
     if gain >= min_gain_z * se - margin - 1e-9:
         return True, f"{said} >= {min_gain_z} x SE {se:.4f} - margin {margin}"
     return False, f"{said} < {min_gain_z} x SE {se:.4f} - margin {margin}: rolled back"
+
+
+def staleness(version: str, promotions: dict[str, int]) -> int:
+    """How many promotions were made after `version` (SelfImprovementLoop.promotions); a version never promoted
+    in the run counts as older than any."""
+    if version not in promotions:
+        return len(promotions)
+    return sum(1 for r in promotions.values() if r > promotions[version])
 
 
 def _summarise(history: list[dict], groups: Sequence[Group]) -> dict:

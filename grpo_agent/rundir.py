@@ -140,9 +140,10 @@ class PendingGate:
     promoted: bool
     reason: str  # the gate's (or a guard's) own words
     version: str  # the version served after the gate: r<round> when promoted, else the one kept
-    group_ids: list[str]  # the groups the round trained on
+    group_ids: list[str]  # the groups the round consumed (trained on, or dropped as stale)
     seconds: float  # the round's wall time up to the decision
     guards: list[str] = field(default_factory=list)  # collapse guards that fired
+    stale: list[str] = field(default_factory=list)  # of group_ids, those dropped untrained (loop.max_staleness)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "eval": self.eval.to_dict()}

@@ -475,3 +475,30 @@ def test_where_tasks_have_gold_answers_the_round_records_how_often_the_top_answe
     assert row["top_correct_rate"] == top / 6 and row["sample_correct_rate"] == right / n
     assert 0 < right < n  # the tiny model's answers contain these words sometimes: a real mix to rank
     assert "top-ranked answer right" in write_report(run).read_text()
+
+
+def test_groups_sampled_more_than_max_staleness_promotions_back_are_consumed_untrained(policy, embedder, tmp_path):
+    agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UPDATE,
+                               LoopConfig(tasks_per_round=2, eval_k=2, margin=1.0), progress=False)
+    (row,) = loop.run(1)
+    assert row["promoted"] and row["stale_groups"] == 0
+    (sampled,) = agent.store.groups(source="loop")[:1]
+
+    def late(version: str, n: int) -> str:  # a group a slow rollout worker sampled from `version`, logged only now
+        group = dataclasses.replace(sampled, group_id=f"late-{version}-{n}", policy_version=version)
+        return agent.store.log_group(group, prompt="late", source="loop")
+
+    old = late("base", 1)  # one promotion (r1) back
+    (row,) = loop.run(2)  # max_staleness = 0: only what r1 sampled is trained on
+    assert row["promoted"] and row["stale_groups"] == 1 and row["groups"] == 2
+    assert old in agent.store.updates()[-1].group_ids  # consumed: never offered to a later update
+    assert old not in {g.group_id for g in agent.store.groups(unconsumed=True, source="loop")}
+
+    loop.cfg = dataclasses.replace(loop.cfg, max_staleness=1)
+    old, recent = late("base", 2), late("r1", 2)  # two promotions back (r1, r2), and one (r2)
+    (row,) = loop.run(3)
+    assert row["stale_groups"] == 1 and row["groups"] == 3  # the round's 2, and the one from r1
+    assert {old, recent} <= set(agent.store.updates()[-1].group_ids)
+    with pytest.raises(ValueError, match="max_staleness"):
+        LoopConfig(max_staleness=-1)

@@ -122,3 +122,27 @@ def test_more_workers_than_the_cluster_holds_are_refused_up_front(cluster, confi
     with pytest.raises(LoopError, match="free but 2 workers need 8 CPU"):
         RolloutWorkers(config, 2, cpus=4)
     assert time.monotonic() - started < 30
+
+
+def test_with_max_staleness_the_workers_collect_the_next_round_during_this_ones_update(one, config, tmp_path):
+    """(Uses the one-worker pool last: it follows this test's run from here on.)"""
+    run = tmp_path / "run"
+    agent = GRPOAgent.from_config(config, store_path=run / "store.sqlite")
+    loop = SelfImprovementLoop(agent, run, TASKS, EVAL, config.update,
+                               LoopConfig(tasks_per_round=4, eval_k=2, eval_size=2, margin=1.0, max_staleness=1),
+                               batch=2, progress=False, workers=one)
+    handed = []  # (the chunk's round, the round the loop had finished then)
+    one.on_submit = lambda i, chunk, pid: handed.append((chunk.meta["round"], loop.state.round))
+    try:
+        rows = loop.run(2)
+    finally:
+        one.on_submit = None
+    assert [r for r, _ in handed] == [1, 1, 2, 2]  # round 3 is not collected: run(2) ends at round 2
+    assert (2, 0) in handed  # a chunk of round 2 went out before round 1 was gated: during its update or eval
+    groups = agent.store.groups(source="loop")
+    assert [g.info.task_id for g in groups] == [t["id"] for t in (TASKS * 2)[:8]]  # each once, in order
+    assert len({g.group_id for g in groups}) == 8
+    round2 = [g for g in groups if g.info.meta["round"] == 2]
+    assert {g.policy_version for g in round2} <= {"base", "r1"}  # what was promoted when a worker took each chunk
+    assert rows[1]["promoted"] and rows[1]["stale_groups"] == 0 and rows[1]["groups"] == 4  # one promotion back
+    assert agent.store.groups(unconsumed=True, source="loop") == []

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -111,6 +113,7 @@ class RolloutWorkers:
         self.run_dir: str | None = None
         self.replaced = 0  # workers replaced after dying or timing out
         self.on_submit = None  # called (worker index, chunk, worker pid) as a chunk is handed out (tests use it)
+        self._closing = False
         self._started = start_ray(address, None if address else max(os.cpu_count() or 1, n * cpus))
         import ray
 
@@ -156,7 +159,7 @@ class RolloutWorkers:
         idle = deque(range(self.n))
         following = 0
         try:
-            while following < len(chunks):
+            while following < len(chunks) and not self._closing:
                 while idle and todo:
                     i, c = idle.popleft(), todo.popleft()
                     if self.on_submit is not None:
@@ -185,7 +188,7 @@ class RolloutWorkers:
                     yield chunks[following], done.pop(following)
                     following += 1
         finally:  # left early (an error, or the caller stopped reading): no chunk may stay in flight
-            for i, _, _ in (running.values() if ray.is_initialized() and self.workers else ()):
+            for i, _, _ in (running.values() if ray.is_initialized() and self.workers and not self._closing else ()):
                 ray.kill(self.workers[i], no_restart=True)
                 self.workers[i] = self._spawn(i)
                 self.pids[i] = self._ready(i)
@@ -204,6 +207,7 @@ class RolloutWorkers:
 
     def close(self) -> None:
         """Stop the workers (and the local cluster, if this started it)."""
+        self._closing = True  # a collection running ahead in another thread stops handing out chunks
         ray = self._ray if hasattr(self, "_ray") else None
         if ray is None or not ray.is_initialized():
             return
@@ -218,6 +222,39 @@ class RolloutWorkers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Ahead:
+    """Chunks the workers answer in a background thread (RolloutWorkers.answer), while the loop updates,
+    evaluates and gates: the next round's collection, sampled from whatever the loop has promoted when each
+    chunk is handed out. Iterate it (once) for each chunk and its entries, in order, as they come back."""
+
+    _END = object()
+
+    def __init__(self, workers: RolloutWorkers, chunks: Sequence[Chunk], round: int):
+        self.chunks, self.round = list(chunks), round
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._collect, args=(workers,), name=f"collect-round-{round}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def start(self) -> int:
+        return self.chunks[0].start
+
+    def _collect(self, workers: RolloutWorkers) -> None:
+        try:
+            for item in workers.answer(self.chunks):
+                self._queue.put(item)
+        except BaseException as e:  # handed to the loop's thread, which raises it where it reads
+            self._queue.put(e)
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[tuple[Chunk, list[dict | None]]]:
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def _cause(e: Exception) -> str:

@@ -1,5 +1,5 @@
 """Offline loading helpers shared by the policy, the embedder and the harm detector, the cache they share, and
-the tie that keeps a child process (a vLLM server, torchrun) from outliving this one."""
+the tie that keeps a child process (a vLLM server, torchrun) from outliving this one, and its stop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -72,14 +76,52 @@ def cached_embeddings(embedder, texts: list[str]):
     return vectors
 
 
-def die_with_parent() -> None:
-    """In a child process, before it execs (subprocess's preexec_fn): be sent SIGTERM when the parent dies, even
-    killed (Linux PR_SET_PDEATHSIG); elsewhere a no-op. vLLM and torchrun stop their own processes on SIGTERM."""
+def tied_to_this_process(cmd: list[str]) -> list[str]:
+    """`cmd` run through a small launcher that has it sent SIGTERM when this process dies, even killed (Linux
+    PR_SET_PDEATHSIG; elsewhere it just runs). A launcher, not subprocess's preexec_fn, which is unsafe once this
+    process has threads (the loop's collection runs in one). vLLM and torchrun stop their own processes on
+    SIGTERM."""
+    return [sys.executable, "-m", "grpo_agent.hub", str(os.getpid()), *cmd]
+
+
+def _launch(parent: int, cmd: list[str]) -> None:
     try:
         import ctypes
-        import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG, kept across exec
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the parent died before the tie was made
+        raise SystemExit(1)
+    os.execvp(cmd[0], cmd)
 
+
+def stop_session(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM every process of the session `proc` leads (started with start_new_session), SIGKILL what is left
+    after `grace` seconds, and return once all of them are gone (a child such as vLLM's engine process
+    outlives its parent's exit by a moment)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _session_alive(proc.pid):
+                return
+            time.sleep(0.1)
+    proc.wait()
+
+
+def _session_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (a group id taken again by another user's processes)
+        return False
+
+
+if __name__ == "__main__":
+    _launch(int(sys.argv[1]), sys.argv[2:])

@@ -389,10 +389,11 @@ class SelfImprovementLoop:
             agent = self.agent
             for chunk in self._chunks(r):
                 answered = agent.scored_groups(chunk.questions, chunk.references, seed=chunk.seed)
-                self._log(chunk, agent.group_logs(chunk.questions, answered, chunk.task_ids, chunk.references,
-                                                  chunk.meta), bar)
+                learn = None
                 if self.mode == "training-free" and all(s is not None for s in answered.scored):
-                    agent.experience.learn(answered.groups, answered.contexts, answered.scored)
+                    learn = lambda a=answered: agent.experience.learn(a.groups, a.contexts, a.scored)  # noqa: E731
+                self._log(chunk, agent.group_logs(chunk.questions, answered, chunk.task_ids, chunk.references,
+                                                  chunk.meta), bar, learn)
         bar.close()
 
     def _collect_ahead(self, r: int) -> None:
@@ -406,15 +407,19 @@ class SelfImprovementLoop:
         """Each version this run has promoted (the base first), with the round that promoted it."""
         return {BASE: 0, **{x["policy_version"]: x["round"] for x in self.rounds() if x["promoted"] and x["round"]}}
 
-    def _log(self, chunk: Chunk, entries: list[dict | None], bar: tqdm) -> None:
+    def _log(self, chunk: Chunk, entries: list[dict | None], bar: tqdm, learn=None) -> None:
         """Write a chunk's groups, each under an id made from the run and its place in the task stream (a chunk
-        answered again after a kill writes only what the killed run did not), then move the cursor past it."""
+        answered again after a kill writes only what the killed run did not), then move the cursor past it.
+        `learn` (training-free) runs between the two: a kill before the cursor moves answers the chunk again
+        (the same groups, the library unchanged) and learns from it then, so no batch's lessons are lost."""
         ids = [f"{self.state.run_id}-{chunk.start + i:07d}" for i in range(len(entries))]
         logged = self.agent.store.logged(ids)
         for group_id, entry in zip(ids, entries):
             if entry is not None and group_id not in logged:
                 entry["group"].group_id = group_id
                 self.agent.store.log_group(**entry, config_hash=self.agent.config_hash, source="loop")
+        if learn is not None:
+            learn()
         self.state.cursor = chunk.start + len(entries)
         self._save_state()
         bar.update(len(entries))

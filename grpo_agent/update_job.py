@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import UpdateError
-from .hub import die_with_parent
+from .hub import stop_session, tied_to_this_process
 
 JOB = "update_job.json"
 
@@ -37,16 +37,22 @@ def run_update(run_dir: Path, store: Path, checkpoints: Path, policy: dict, upda
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "grpo_agent.update_job", str(job)]
+    # Its own session, so that a timeout or Ctrl-C here stops torchrun and every rank it started, nothing else.
+    proc = subprocess.Popen(tied_to_this_process(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                                preexec_fn=die_with_parent)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:
+        stop_session(proc)
         raise UpdateError(f"the update on {processes} processes ran past {timeout:g} s; rerun the loop to resume "
                           "from its last checkpoint") from e
-    if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+    except BaseException:
+        stop_session(proc)
+        raise
+    if proc.returncode != 0:
+        tail = "\n".join((err or out).strip().splitlines()[-15:])
         raise UpdateError(f"the update on {processes} processes (torchrun) failed with exit code "
-                          f"{result.returncode}; rerun the loop to resume from its last checkpoint. Its output ended:"
+                          f"{proc.returncode}; rerun the loop to resume from its last checkpoint. Its output ended:"
                           f"\n{tail}")
 
 

@@ -149,3 +149,32 @@ def test_a_training_free_loop_learns_gates_and_rolls_back_the_library(tiny_model
     assert [x.text for x in agent.experience.lessons()] == [  # ... which the rollback removed again
         "Answer with the status the facts give for the species."]
     assert [u.promoted for u in agent.store.updates()] == [True, False]
+
+
+def test_a_training_free_loop_killed_after_logging_a_batch_learns_from_it_on_restart(tiny_model_dir, embedder,
+                                                                                    tmp_path, monkeypatch):
+    agent = make_agent(load_policy(str(tiny_model_dir), device="cpu"), embedder, tmp_path / "run" / "store.sqlite")
+    agent.use_experience(Config())
+    agent.experience.constrained = False
+    agent.experience.policy = ScriptedModel(["ADD: Answer with the status the facts give for the species."] * 3)
+    cfg = LoopConfig(tasks_per_round=3, eval_k=2, margin=1.0, mode="training-free")
+    loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, cfg=cfg, batch=3, progress=False)
+    learned = []
+    real_learn = agent.experience.learn
+
+    def killed_first_time(*args):
+        if not learned:
+            learned.append("killed")
+            raise KeyboardInterrupt  # the process dies after the batch's groups are written
+        learned.append("learned")
+        return real_learn(*args)
+
+    monkeypatch.setattr(agent.experience, "learn", killed_first_time)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(1)
+    assert len(agent.store.groups(source="loop")) == 3 and agent.experience.lessons() == []
+    restarted = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, cfg=cfg, batch=3, progress=False)
+    (row,) = restarted.run(1)
+    assert learned == ["killed", "learned"]  # the batch was learned from after the restart ...
+    assert row["lessons"] == 1 and row["groups"] == 3  # ... and its groups not logged twice
+    assert len(agent.store.groups(source="loop")) == 3

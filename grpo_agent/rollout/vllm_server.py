@@ -11,7 +11,6 @@ never outlives its user; on leaving the block it and its engine process are stop
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -19,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import EngineError
-from ..hub import die_with_parent
+from ..hub import stop_session, tied_to_this_process
 
 VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 START_SECONDS = 420  # vLLM starts in about 1-3 minutes on 2 CPU cores
@@ -67,8 +66,8 @@ class VLLMServer:
     def start(self) -> str:
         t0 = time.monotonic()
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(tied_to_this_process(self.args), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
         try:
             while True:
                 if self.proc.poll() is not None:
@@ -88,17 +87,10 @@ class VLLMServer:
         return self.url
 
     def stop(self) -> None:
-        """Stop the server and the engine process it started (its session), nothing else."""
+        """Stop the server and the engine process it started (its session), nothing else, and wait for both."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # (the engine process too, if the server is gone already)
-            self.proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        stop_session(self.proc)
         self._log.close()
         self.proc = None
 
@@ -107,3 +99,4 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+

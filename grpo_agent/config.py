@@ -188,6 +188,7 @@ class RetrievalConfig:
 
 
 LOOP_MODES = ("grpo", "training-free")
+LOOP_UNITS = ("answer", "episode")
 
 
 @dataclass
@@ -226,6 +227,9 @@ class LoopConfig:
     # (their sampled log-probs are the old policy of the importance ratio); older ones are dropped, recorded.
     # >= 1 with rollout workers: the workers collect the next round while this one updates, evaluates and gates.
     max_staleness: int = 0
+    # What a group holds: K answers to one prompt (the retrieved facts in it), or K multi-turn episodes in which
+    # the policy decides whether and what to search ([episodes]; episodes.py).
+    unit: str = "answer"
 
     def __post_init__(self) -> None:
         for key in ("tasks_per_round", "eval_k", "checkpoint_every"):
@@ -240,6 +244,7 @@ class LoopConfig:
             raise ConfigError(f"loop.min_gain_z = {self.min_gain_z!r}: must be a finite number >= 0 (0: no gain "
                               "needed, eval >= promoted eval - margin promotes)")
         _check_choice("loop.mode", self.mode, LOOP_MODES)
+        _check_choice("loop.unit", self.unit, LOOP_UNITS)
         for key in ("max_kl", "min_entropy_ratio", "min_distinct_ratio", "min_length_ratio"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
@@ -263,6 +268,24 @@ class LoopConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"loop.{key} = {value!r}: an integer >= 0 (0: never)")
+
+
+@dataclass
+class EpisodeConfig:
+    """Multi-turn tool-use episodes (loop.unit = "episode"): the policy searches the fact index, then answers."""
+
+    max_turns: int = 3  # the policy's turns per episode, the answer included (the last one must answer)
+    search_top_k: int = 3  # passages a search returns
+    query_tokens: int = 24  # length cap of a search query
+    tool_error_penalty: float = 0.1  # share of the composite an episode loses per tool error (an empty query)
+
+    def __post_init__(self) -> None:
+        for key in ("max_turns", "search_top_k", "query_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"episodes.{key} = {value!r}: must be an integer >= 1")
+        if not isinstance(self.tool_error_penalty, (int, float)) or not 0 <= self.tool_error_penalty <= 1:
+            raise ConfigError(f"episodes.tool_error_penalty = {self.tool_error_penalty!r}: a share in [0, 1]")
 
 
 @dataclass
@@ -295,6 +318,7 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     experience: ExperienceConfig = field(default_factory=ExperienceConfig)
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
 
 
 def check_loop_settings(loop: LoopConfig, update: UpdateConfig) -> None:

@@ -79,8 +79,9 @@ def read_tasks(path: str | Path) -> list[dict]:
 
 
 def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4, batch: int = 8,
-             seed: int = 1234, progress: bool = True) -> EvalResult:
-    """Score the agent on held-out tasks.
+             seed: int = 1234, progress: bool = True, unit: str = "answer") -> EvalResult:
+    """Score the agent on held-out tasks, answering each directly (unit "answer", the facts retrieved for it in
+    its prompt) or in a multi-turn episode with the search tool (unit "episode").
 
     With gold answers (and label_free False): accuracy of its greedy answer (k=1, temperature 0).
     Otherwise: the mean composite self-score of k answers sampled per task (fixed seed, so two rounds are
@@ -95,9 +96,17 @@ def evaluate(agent, tasks: Sequence[dict], label_free: bool = False, k: int = 4,
     chunks = [tasks[i : i + batch] for i in range(0, len(tasks), batch)]
     for i, chunk in enumerate(tqdm(chunks, desc="eval", unit="batch", disable=not progress, leave=False)):
         questions = [t["question"] for t in chunk]
-        if labelled:
+        if labelled and unit == "episode":
+            groups, _ = agent.episode_runner(temperature=0.0).run(questions, 1)
+            values += [float(is_correct(g.completions[0].text, t["answer"], t.get("aliases", ())))
+                       for g, t in zip(groups, chunk)]
+        elif labelled:
             replies = agent.respond_batch(questions, log=False, k=1, temperature=0.0)
             values += [float(is_correct(r.answer, t["answer"], t.get("aliases", ()))) for r, t in zip(replies, chunk)]
+        elif unit == "episode":
+            answered = agent.episode_groups(questions, seed=seed + i, k=k)
+            values += [sum(s.composite) / len(s.composite) for s in answered.scored]
+            sampled += answered.groups
         else:
             groups, contexts = agent.sample_groups(questions, k=k, seed=seed + i)
             for scored in agent.scorer.score_groups(groups, contexts):
@@ -115,7 +124,7 @@ def monitors(groups) -> dict:
     as their mean negative log-prob, at the sampling temperature), answer length in tokens, the share of
     distinct answers within a group, the share of groups whose scores did not vary, and each signal's mean."""
     completions = [c for g in groups for c in g.sampled]  # the policy's own: not a guard's safe completion
-    logprobs = [lp for c in completions for lp in c.logprobs]
+    logprobs = [lp for c in completions for lp, m in zip(c.logprobs, c.mask or [1] * len(c.logprobs)) if m]
     composites = [c.composite for c in completions if c.composite is not None]
     signals: dict[str, list[float]] = {}
     for c in completions:
@@ -129,7 +138,21 @@ def monitors(groups) -> dict:
         "groups": len(groups), "zero_variance_groups": sum(g.zero_variance for g in groups),
         "zero_variance_rate": avg([float(g.zero_variance) for g in groups]),
         "train_composite": avg(composites), "entropy": -avg(logprobs) if logprobs else None,
-        "answer_tokens": avg([float(len(c.token_ids)) for c in completions]),
+        "answer_tokens": avg([float(c.sampled_tokens) for c in completions]),
         "distinct_rate": avg(distinct), "signals": {name: avg(v) for name, v in sorted(signals.items())},
+        **episode_monitors(completions),
     }
+
+
+def episode_monitors(completions) -> dict:
+    """Of multi-turn episodes (none: {}): the policy's turns, tool calls and tool errors per episode, and the
+    share of episodes that searched."""
+    episodes = [c.turns for c in completions if c.turns is not None]
+    if not episodes:
+        return {}
+    calls = [sum(t["role"] == "tool" for t in turns) for turns in episodes]
+    n = len(episodes)
+    return {"episodes": n, "turns": sum(sum(t["role"] == "assistant" for t in e) for e in episodes) / n,
+            "tool_calls": sum(calls) / n, "tool_errors": sum(sum(bool(t.get("error")) for t in e) for e in episodes) / n,
+            "search_rate": sum(c > 0 for c in calls) / n}
 

@@ -79,9 +79,13 @@ class SelfImprovementLoop:
         self.detector = agent.guard.detector if agent.guard is not None else agent.scorer.detector  # or None
         if self.cfg.redteam_share:
             self.tasks = self._with_redteam(self.tasks)
+        if self.cfg.unit == "episode" and self.mode != "grpo":
+            raise LoopError('loop.unit = "episode" trains on episodes with GRPO; the training-free mode learns '
+                            'lessons from single answers: use loop.unit = "answer" with it')
+        fits = agent.episode_runner().check_fits if self.cfg.unit == "episode" else agent.check_fits
         for name, pool in (("task", self.tasks), ("eval task", self.eval_tasks)):  # refused up front, not mid-run
             try:
-                agent.check_fits([t["question"] for t in pool])
+                fits([t["question"] for t in pool])
             except ContextLengthError as e:
                 raise LoopError(f"{name} {pool[e.index].get('id', e.index)} does not fit the model's context ({e}); "
                                 "shorten it or remove it from the task file") from e
@@ -145,6 +149,8 @@ class SelfImprovementLoop:
         identity = {"metric": "accuracy" if labelled else "composite", "eval_tasks": digest}
         sampling = self.agent.sampling
         identity["sampling"] = {"max_new_tokens": sampling.max_new_tokens}  # the greedy eval's length cap too
+        if self.cfg.unit != "answer":  # answered in episodes, with the search tool
+            identity["unit"] = self.cfg.unit
         if not labelled:  # the composite depends on how the answers are sampled and scored
             identity["sampling"].update(eval_k=self.cfg.eval_k, temperature=sampling.temperature,
                                         top_p=sampling.top_p)
@@ -369,7 +375,8 @@ class SelfImprovementLoop:
             tasks = [self.tasks[i % len(self.tasks)] for i in range(start, min(start + self.batch, end))]
             chunks.append(Chunk(start, [t["question"] for t in tasks], [t.get("id") for t in tasks],
                                 [corpus_answer(t) for t in tasks],
-                                None if seed is None else (seed * 1_000_003 + start) % 2**31, {"round": r}))
+                                None if seed is None else (seed * 1_000_003 + start) % 2**31, {"round": r},
+                                self.cfg.unit))
         return chunks
 
     def collect(self, r: int) -> None:
@@ -387,8 +394,9 @@ class SelfImprovementLoop:
                 self._log(chunk, entries, bar)
         else:
             agent = self.agent
+            answer = agent.episode_groups if self.cfg.unit == "episode" else agent.scored_groups
             for chunk in self._chunks(r):
-                answered = agent.scored_groups(chunk.questions, chunk.references, seed=chunk.seed)
+                answered = answer(chunk.questions, chunk.references, seed=chunk.seed)
                 learn = None
                 if self.mode == "training-free" and all(s is not None for s in answered.scored):
                     learn = lambda a=answered: agent.experience.learn(a.groups, a.contexts, a.scored)  # noqa: E731
@@ -429,7 +437,7 @@ class SelfImprovementLoop:
         engine, self.agent.engine = self.agent.engine, self.agent.policy
         try:
             return evaluate(self.agent, self.eval_tasks, label_free=self.cfg.label_free, k=self.cfg.eval_k,
-                            batch=self.batch, progress=self.progress)
+                            batch=self.batch, progress=self.progress, unit=self.cfg.unit)
         finally:
             self.agent.engine = engine
 

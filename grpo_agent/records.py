@@ -20,6 +20,16 @@ class Completion:
     scores: dict[str, float] = field(default_factory=dict)  # per-signal scores in [0, 1], once scored
     composite: float | None = None  # weighted composite of the scores
     advantage: float | None = None  # group-relative advantage of the composite
+    # A multi-turn episode (episodes.py): token_ids run from the prompt's end through every turn, the tokens fed
+    # back between the policy's turns (a tool's result, the turn markers) included; mask says which ids the policy
+    # sampled (1: trained on, with their sampled log-probs) and which it was fed (0: log-prob 0, never trained on).
+    mask: list[int] | None = None  # None: every token id was sampled (a single answer)
+    turns: list[dict] | None = None  # the episode's turns as text ({"role", "content", ...}): for people and scorers
+
+    @property
+    def sampled_tokens(self) -> int:
+        """How many of its token ids the policy sampled."""
+        return len(self.token_ids) if self.mask is None else sum(self.mask)
 
 
 @dataclass

@@ -113,6 +113,12 @@ def write_report(run_dir: str | Path, extra: dict[str, dict] | None = None) -> P
                       "|---|---|---|---|"]
             lines += [f"| {r['round']} | {r.get('redteam_groups', 0)} | {_fmt(r.get('harmful_rate'))} | "
                       f"{_fmt(r.get('refusal_rate'))} |" for r in safety]
+        episodic = [r for r in done if r.get("episodes")]
+        if episodic:  # loop.unit = "episode": how the policy used its tool
+            lines += ["", "| round | episodes | turns / episode | tool calls / episode | tool errors / episode | "
+                      "episodes that searched |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['round']} | {r['episodes']} | {_fmt(r['turns'], 2)} | {_fmt(r['tool_calls'], 2)} | "
+                      f"{_fmt(r['tool_errors'], 2)} | {_fmt(r['search_rate'])} |" for r in episodic]
         gold = [r for r in done if r.get("labelled_groups")]
         if gold:  # the tasks had gold answers: does the self-score rank the right answer first?
             lines += ["", "| round | labelled groups | top-ranked answer right | sampled answers right |",

@@ -116,6 +116,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX feedback_by_group ON feedback (group_id, id)",
     ),
+    (  # 5: multi-turn episodes (episodes.py): which token ids the policy sampled, and the turns as text
+        "ALTER TABLE completions ADD COLUMN mask TEXT",   # JSON list of 0/1 or NULL (all sampled)
+        "ALTER TABLE completions ADD COLUMN turns TEXT",  # JSON list of turn objects or NULL (a single answer)
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -194,9 +198,15 @@ class TrajectoryStore:
         completion_rows = [
             (gid, i, c.text, _dumps(c.token_ids, f"completion {i} token_ids"),
              _dumps(c.logprobs, f"completion {i} logprobs"), c.finish_reason,
-             _dumps(c.scores, f"completion {i} scores"), _real(c.composite), _real(c.advantage))
+             _dumps(c.scores, f"completion {i} scores"), _real(c.composite), _real(c.advantage),
+             None if c.mask is None else _dumps(c.mask, f"completion {i} mask"),
+             None if c.turns is None else _dumps(c.turns, f"completion {i} turns"))
             for i, c in enumerate(group.completions)
         ]
+        for i, c in enumerate(group.completions):
+            if c.mask is not None and len(c.mask) != len(c.token_ids):
+                raise StoreError(f"group {gid} completion {i}: {len(c.token_ids)} token ids but a mask of "
+                                 f"{len(c.mask)}; give one 0/1 per token id")
 
         def write(conn: sqlite3.Connection) -> None:
             if _group_exists(conn, gid):
@@ -205,7 +215,9 @@ class TrajectoryStore:
                     "group_id)"
                 )
             conn.execute("INSERT INTO groups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", group_row)
-            conn.executemany("INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", completion_rows)
+            conn.executemany("INSERT INTO completions (group_id, idx, text, token_ids, logprobs, finish_reason, scores, "
+                             "composite, advantage, mask, turns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             completion_rows)
 
         self._transaction(write)
         return gid
@@ -537,7 +549,8 @@ class TrajectoryStore:
             completions[c["group_id"]].append(Completion(
                 text=c["text"], token_ids=json.loads(c["token_ids"]), logprobs=json.loads(c["logprobs"]),
                 finish_reason=c["finish_reason"], scores=json.loads(c["scores"]), composite=c["composite"],
-                advantage=c["advantage"],
+                advantage=c["advantage"], mask=None if c["mask"] is None else json.loads(c["mask"]),
+                turns=None if c["turns"] is None else json.loads(c["turns"]),
             ))
         return [
             Group(

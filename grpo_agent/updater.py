@@ -44,6 +44,7 @@ class Row:
     advantage: float
     temperature: float
     group_id: str
+    mask: list[int] | None = None  # an episode's: 1 where the policy sampled the token (None: every token)
 
 
 def trainable_rows(groups: Iterable[Group]) -> tuple[list[list[Row]], list[str]]:
@@ -62,8 +63,11 @@ def trainable_rows(groups: Iterable[Group]) -> tuple[list[list[Row]], list[str]]
                     f"group {g.group_id} completion {i}: {len(c.token_ids)} token ids but {len(c.logprobs)} "
                     "log-probs; train only on what the sampler produced"
                 )
+            if c.mask is not None and (len(c.mask) != len(c.token_ids) or not any(c.mask)):
+                raise UpdateError(f"group {g.group_id} completion {i}: its mask has {len(c.mask)} entries, "
+                                  f"{sum(c.mask)} sampled, for {len(c.token_ids)} token ids; log episodes as sampled")
             rows.append(Row(g.prompt_token_ids, c.token_ids, c.logprobs, c.advantage, g.temperature or 1.0,
-                            g.group_id))
+                            g.group_id, c.mask))
         usable.append(rows)
     return usable, skipped
 
@@ -91,13 +95,15 @@ def collate(rows: Sequence[Row], pad_id: int, device: torch.device) -> dict[str,
     ids = torch.full((len(rows), lp + t), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     old = torch.zeros((len(rows), t))
+    trained = torch.zeros((len(rows), t))  # the completion tokens the loss sees: an episode's sampled ones only
     for i, r in enumerate(rows):
         ids[i, lp - len(r.prompt) : lp + len(r.completion)] = torch.tensor(r.prompt + r.completion)
         attn[i, lp - len(r.prompt) : lp + len(r.completion)] = 1
         old[i, : len(r.completion)] = torch.tensor(r.old_logp)
+        trained[i, : len(r.completion)] = 1.0 if r.mask is None else torch.tensor(r.mask, dtype=torch.float32)
     return {
         "input_ids": ids.to(device), "attention_mask": attn.to(device), "old_logp": old.to(device),
-        "mask": attn[:, lp:].float().to(device),
+        "mask": trained.to(device),
         "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
     }
 
@@ -175,7 +181,7 @@ class GRPOUpdater:
         t0 = time.perf_counter()
         local = rows[self.rank :: self.world]  # under torchrun each process takes every world-th row
         n_seqs = len(rows)
-        n_tokens = sum(len(r.completion) for r in rows)
+        n_tokens = sum(len(r.completion) if r.mask is None else sum(r.mask) for r in rows)  # the tokens trained on
         max_len = max(len(r.completion) for r in rows)
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)

@@ -256,7 +256,7 @@ def test_a_version_1_store_is_migrated_with_its_data(tmp_path):
         conn.execute("INSERT INTO completions VALUES ('old', 0, 'an answer', '[3,4]', '[-0.5,-0.25]', 'stop', "
                      "'{\"grounding\":0.5}', 0.5, 0.0)")
     conn.close()
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
 
     with TrajectoryStore(path) as store:
         assert store.get_group("old") == Group(
@@ -268,8 +268,14 @@ def test_a_version_1_store_is_migrated_with_its_data(tmp_path):
         assert store.steps("old") == [{"type": "final"}]
         store.put_lesson("l1", "Cite the fact.", ["old"])  # the lessons table with version 3
         assert [x.text for x in store.lessons()] == ["Cite the fact."]
+        # version 5: an episode's mask and turns beside the old completion, which reads back without them
+        episode = Completion("final", [5, 6, 7], [-0.1, 0.0, -0.2], "stop", mask=[1, 0, 1],
+                             turns=[{"role": "assistant", "content": "Search: x"}])
+        store.log_group(Group([{"role": "user", "content": "q2"}], [1], [episode], group_id="new"), prompt="q2")
+        assert store.get_group("new").completions == [episode]
+        assert store.get_group("old").completions[0].mask is None
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("5",)
     conn.close()
 
 

@@ -224,10 +224,16 @@ class Policy:
         """log p(next token) after each chat's generation prompt (and `prefix`, the start of the answer), in
         one batched forward pass: (B, V)."""
         start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        input_ids, attn, pos = left_pad([self.encode_chat(m) + start for m in messages_batch], self.pad_token_id,
-                                        self.device)
+        return self.next_token_logprobs_of([self.encode_chat(m) + start for m in messages_batch])
+
+    @torch.inference_mode()
+    def next_token_logprobs_of(self, prompt_ids: Sequence[list[int]], temperature: float = 1.0) -> torch.Tensor:
+        """log_softmax(logits / temperature) of the token after each of `prompt_ids`, in one forward pass: (B, V)
+        (temperature 0: at temperature 1, as the sampler's greedy log-probs)."""
+        input_ids, attn, pos = left_pad([list(p) for p in prompt_ids], self.pad_token_id, self.device)
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        logits = out.logits[:, -1].float()
+        return torch.log_softmax(logits / temperature if temperature else logits, dim=-1)
 
     def prompts(self, messages_batch: Sequence[Messages], prefix: str = "", tools: Sequence[dict] | None = None,
                 prompt_ids: Sequence[list[int]] | None = None) -> list[list[int]]:

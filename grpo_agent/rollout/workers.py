@@ -39,6 +39,7 @@ class Chunk:
     references: list
     seed: int | None
     meta: dict
+    unit: str = "answer"  # loop.unit: K answers per task, or K multi-turn episodes
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -91,7 +92,8 @@ class _Worker:
         if self.run is not None and not self.following and self.run.is_run():  # from the loop's first save on
             self.agent.follow(self.run.path)
             self.following = True
-        answered = self.agent.scored_groups(chunk.questions, chunk.references, seed=chunk.seed)
+        answer = self.agent.episode_groups if chunk.unit == "episode" else self.agent.scored_groups
+        answered = answer(chunk.questions, chunk.references, seed=chunk.seed)
         return self.agent.group_logs(chunk.questions, answered, chunk.task_ids, chunk.references, chunk.meta)
 
 

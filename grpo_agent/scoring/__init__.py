@@ -11,11 +11,12 @@ blends clients' ratings into them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..config import ScoringConfig
 from ..errors import ConfigError
-from ..records import Feedback, Group
+from ..records import Feedback, Group, Passage
 from . import alignment, answer_match, consistency, education, grounding, reasoning, safety, verifier  # noqa: F401 - registers the scorers
 from .base import RESOURCES, ScoreContext, Scorer, ScoreResult, make_scorer, needs_of, register, registered, uses_of
 from .composite import GroupScores, apply_penalties, blend_feedback, combine, group_advantages, penalties
@@ -58,14 +59,50 @@ class SelfScorer:
     def score_group(self, group: Group, context: ScoreContext) -> tuple[GroupScores, list[ScoreResult]]:
         """Score one group and write each completion's per-signal scores and composite."""
         results = [s.score(group, context) for s in self.scorers]
-        scored = combine(results, self.weights, len(group.completions), gates=self.gates)
+        return self._combine(group, results), results
+
+    def _combine(self, group: Group, results: Sequence[ScoreResult], extra: Sequence[float] = ()) -> GroupScores:
+        """The signals' composite, less the penalties (and `extra` ones, per completion), written to each
+        completion with its per-signal scores."""
+        k = len(group.completions)
+        scored = combine(results, self.weights, k, gates=self.gates)
+        penalty = [0.0] * k
         if self.penalty["length_penalty"] or self.penalty["repetition_penalty"]:
-            apply_penalties(scored, penalties([c.text for c in group.completions], **self.penalty))
+            penalty = penalties([c.text for c in group.completions], **self.penalty)
+        penalty = [min(1.0, p + x) for p, x in zip(penalty, list(extra) or [0.0] * k)]
+        if any(penalty):
+            apply_penalties(scored, penalty)
         scored.explanations = {r.name: r.explanations for r in results}
         for i, c in enumerate(group.completions):
             c.scores = {name: values[i] for name, values in scored.signals.items()}
             c.composite = scored.composite[i]
-        return scored, results
+        return scored
+
+    def score_episodes(self, group: Group, context: ScoreContext, retrieved: Sequence[Sequence[Passage]],
+                       tool_error_penalty: float = 0.0) -> GroupScores:
+        """Score a group of K multi-turn episodes (episodes.py) on their final answers and write each one's scores
+        and composite. A signal that judges answers one by one sees the facts its own episode retrieved (grounding
+        scores 0 for an episode that retrieved none: it grounds nothing); one that judges an answer against the
+        others (consistency: `relative`) sees the whole group, with every fact any episode retrieved. Each tool
+        error (an empty query) costs `tool_error_penalty` of the composite."""
+        union = list({p.id: p for ps in retrieved for p in ps}.values())
+        results = []
+        for scorer in self.scorers:
+            if getattr(scorer, "relative", False):
+                results.append(scorer.score(group, dataclasses.replace(context, passages=union)))
+                continue
+            parts = []
+            for c, facts in zip(group.completions, retrieved):
+                if getattr(scorer, "needs_passages", False) and not facts:
+                    parts.append(ScoreResult(scorer.name, [0.0], ["the episode retrieved no facts"], [{}]))
+                    continue
+                one = dataclasses.replace(group, completions=[c], info=None)
+                parts.append(scorer.score(one, dataclasses.replace(context, passages=list(facts))))
+            results.append(ScoreResult(scorer.name, [x.scores[0] for x in parts], [x.explanations[0] for x in parts],
+                                       [x.details[0] if x.details else {} for x in parts],
+                                       applicable=any(x.applicable for x in parts)))
+        errors = [sum(1 for t in c.turns or () if t.get("error")) for c in group.completions]
+        return self._combine(group, results, [tool_error_penalty * e for e in errors])
 
     def score_groups(self, groups: Sequence[Group], contexts: Sequence[ScoreContext]) -> list[GroupScores]:
         """Score a batch of groups and write advantages (the scale may span the batch)."""

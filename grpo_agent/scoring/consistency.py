@@ -22,6 +22,7 @@ class ConsistencyScorer:
     """Mean agreement of each answer with the rest of its group, in [0, 1]."""
 
     name = "consistency"
+    relative = True  # an answer's score depends on the rest of its group
 
     def __init__(self, embedder: Embedder):
         self.embedder = embedder

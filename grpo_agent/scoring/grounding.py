@@ -27,6 +27,7 @@ class GroundingScorer:
     """Support of each answer by the retrieved passages, anchored on the most relevant one, in [0, 1]."""
 
     name = "grounding"
+    needs_passages = True  # an answer with no facts to check it against grounds nothing
 
     def __init__(self, embedder: Embedder, other_weight: float = 0.3, unsupported_penalty: float = 0.5):
         self.embedder = embedder

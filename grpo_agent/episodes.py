@@ -1,0 +1,225 @@
+"""Multi-turn tool-use episodes: a task run K times through the policy with tools, the K episodes one GRPO group.
+
+An episode is one Completion whose token ids run from the end of the prompt through every turn: the tokens the
+policy sampled (mask 1, with their sampled log-probs) and the tokens fed back to it between its turns, the end of
+its turn, a tool's result and the next turn's header (mask 0, log-prob 0). The updater trains on exactly those ids
+with the mask; nothing is re-tokenised (verl and Agent Lightning both found that re-tokenising a chat between
+sampling and training breaks policy-gradient training).
+
+The action format suits small models: each of the policy's turns opens with one of two words, chosen by the
+model's own probabilities over just those two (their log-probs are the full softmax's, as top-p's are):
+"Search" (the rest of the line is the query, sent to the search tool) or "Answer" (the rest of the turn is the
+final answer). The last allowed turn is made to answer: its opening word is fed (mask 0), not sampled.
+
+    runner = EpisodeRunner(policy, SearchTool(index))
+    groups, retrieved = runner.run(["Why are snow leopards endangered?"], k=4, seed=0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import ContextLengthError
+from .records import Completion, Group, Passage
+from .toolcalls import tool_result_turn
+
+SEARCH, ANSWER = "Search", "Answer"
+EPISODE_SYSTEM = ("Answer the user's question about the notes. You may search the notes first. Reply with "
+                  "'Search:' and a short query to look something up, or with 'Answer:' and your answer.")
+_MARK = "\u2063TURN\u2063"  # stands for a turn's content when the chat template renders what follows it
+
+
+class SearchTool:
+    """search(query): the top_k passages of a fact index for a query, as the text the policy reads back."""
+
+    name = "search"
+
+    def __init__(self, index, top_k: int = 3):
+        self.index, self.top_k = index, top_k
+
+    def max_result_tokens(self, tokenizer) -> int:
+        """The most tokens one result can take: the top_k longest passages, numbered, and the turn's markup."""
+        if not hasattr(self, "_longest"):
+            lengths = sorted((len(tokenizer.encode(p.text, add_special_tokens=False)) for p in self.index.passages()),
+                             reverse=True)
+            self._longest = sum(lengths[: self.top_k]) + 8 * self.top_k + 48
+        return self._longest
+
+    def __call__(self, queries: Sequence[str]) -> list[tuple[str, list[Passage]]]:
+        hits = self.index.search_batch(list(queries), k=self.top_k)
+        return [("\n".join(f"[{i + 1}] {h.passage.text}" for i, h in enumerate(found)) or "no results",
+                 [h.passage for h in found]) for found in hits]
+
+
+@dataclass
+class _Episode:
+    """One episode as it runs."""
+
+    question: str
+    chat: list[dict]  # the chat so far as text (turn contents decoded), for the template and for people
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    turns: list[dict] = field(default_factory=list)
+    passages: list[Passage] = field(default_factory=list)
+    answer: str = ""
+    finish_reason: str = "length"
+    done: bool = False
+
+    def add(self, ids: Sequence[int], logprobs: Sequence[float] | None) -> None:
+        """Token ids the policy sampled (with their log-probs) or, logprobs None, ids fed to it."""
+        self.tokens += list(ids)
+        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+        self.mask += [1 if logprobs is not None else 0] * len(ids)
+
+    def completion(self) -> Completion:
+        return Completion(text=self.answer, token_ids=self.tokens, logprobs=self.logprobs,
+                          finish_reason=self.finish_reason, mask=self.mask, turns=self.turns)
+
+
+class EpisodeRunner:
+    """Runs K episodes per task in lockstep batches (every active episode's turn in one sampling call)."""
+
+    def __init__(self, policy, tool: SearchTool, max_turns: int = 3, max_new_tokens: int = 48,
+                 query_tokens: int = 24, temperature: float = 1.0, top_p: float = 1.0,
+                 system: str = EPISODE_SYSTEM):
+        if max_turns < 1:
+            raise ValueError(f"max_turns = {max_turns}: an episode needs at least one turn (its answer)")
+        self.policy, self.tool, self.max_turns = policy, tool, max_turns
+        self.max_new_tokens, self.query_tokens = max_new_tokens, query_tokens
+        self.temperature, self.top_p, self.system = temperature, top_p, system
+        tok = policy.tokenizer
+        self.words = {w: tok.encode(w, add_special_tokens=False)[0] for w in (SEARCH, ANSWER)}
+        if self.words[SEARCH] == self.words[ANSWER]:
+            raise ValueError(f"{SEARCH!r} and {ANSWER!r} start with the same token for this tokenizer")
+        # a query ends at the end of its line (any token holding a newline) or at the end of the turn
+        newline = [i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])]
+        self.query_stops = sorted(set(newline) | set(policy.stop_token_ids))
+
+    def budget(self) -> int:
+        """Tokens an episode may take past its prompt, at most (every turn a search, then the answer)."""
+        per_search = 1 + self.query_tokens + self.tool.max_result_tokens(self.policy.tokenizer)
+        return (self.max_turns - 1) * per_search + 1 + self.max_new_tokens
+
+    def chat(self, question: str) -> list[dict]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
+
+    def check_fits(self, questions: Sequence[str]) -> None:
+        """ContextLengthError for the first question whose episode could run past the model's context."""
+        limit = self.policy.context_length
+        for i, q in enumerate(questions):
+            n = len(self.policy.encode_chat(self.chat(q)))
+            if limit is not None and n + self.budget() > limit:
+                raise ContextLengthError(f"an episode for question {i} may take {n} + {self.budget()} tokens, past "
+                                         f"the model's {limit}; lower episodes.max_turns or max_new_tokens",
+                                         index=i, prompt_tokens=n, limit=limit)
+
+    def run(self, questions: Sequence[str], k: int, seed: int | None = None) -> tuple[list[Group], list[list[list[Passage]]]]:
+        """K episodes for each question: one Group each (its completions the episodes), and the passages each
+        episode retrieved (per group, per episode)."""
+        gen = torch.Generator()
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+        episodes = []
+        for q in questions:
+            chat = self.chat(q)
+            prompt = self.policy.encode_chat(chat)
+            episodes += [_Episode(q, [dict(m) for m in chat], list(prompt)) for _ in range(k)]
+        for turn in range(self.max_turns):
+            active = [e for e in episodes if not e.done]
+            if not active:
+                break
+            searching = self._open(active, gen, last=turn == self.max_turns - 1)
+            searchers = [e for e, s in zip(active, searching) if s]
+            answerers = [e for e, s in zip(active, searching) if not s]
+            for batch, limit, stops in ((searchers, self.query_tokens, self.query_stops),
+                                        (answerers, self.max_new_tokens, None)):
+                if batch:
+                    self._continue(batch, limit, stops, int(torch.randint(2**31 - 1, (1,), generator=gen)))
+            if searchers:
+                self._search(searchers)
+            for e in answerers:
+                e.done = True
+        groups, retrieved = [], []
+        for b, q in enumerate(questions):
+            mine = episodes[b * k:(b + 1) * k]
+            groups.append(Group(messages=self.chat(q), prompt_token_ids=mine[0].prompt,
+                                completions=[e.completion() for e in mine], policy_version=self.policy.version,
+                                temperature=self.temperature))
+            retrieved.append([e.passages for e in mine])
+        return groups, retrieved
+
+    def _open(self, active: list[_Episode], gen: torch.Generator, last: bool) -> list[bool]:
+        """Each active episode's opening word, sampled between the two by the model's probabilities (the last turn:
+        fed "Answer"); returns which chose to search."""
+        s, a = self.words[SEARCH], self.words[ANSWER]
+        if last:
+            for e in active:
+                e.add([a], None)
+            return [False] * len(active)
+        logp = self.policy.next_token_logprobs_of([e.prompt + e.tokens for e in active], self.temperature)  # (B, V)
+        pair = logp[:, [s, a]]  # (B, 2): the two words' log-probs under the full softmax
+        if self.temperature == 0:  # greedy: the likelier word
+            choice = pair.argmax(-1)  # 0: search
+        else:
+            choice = torch.multinomial(torch.softmax(pair, dim=-1), 1, generator=gen).squeeze(-1)
+        out = []
+        for e, c, lp in zip(active, choice.tolist(), pair.tolist()):
+            e.add([s if c == 0 else a], [lp[c]])
+            out.append(c == 0)
+        return out
+
+    def _continue(self, batch: list[_Episode], limit: int, stops: Sequence[int] | None, seed: int) -> None:
+        """The rest of each episode's turn after its opening word, sampled in one call."""
+        start = [len(e.tokens) - 1 for e in batch]  # where the turn began: its opening word
+        groups = self.policy.sample([[{"role": "user", "content": ""}]] * len(batch), k=1, max_new_tokens=limit,
+                                    temperature=self.temperature, top_p=self.top_p, seed=seed,
+                                    stop_token_ids=stops, prompt_ids=[e.prompt + e.tokens for e in batch])
+        tok = self.policy.tokenizer
+        for e, g, at in zip(batch, groups, start):
+            c = g.completions[0]
+            e.add(c.token_ids, c.logprobs)
+            text = tok.decode(e.tokens[at:], skip_special_tokens=True).strip()
+            searching = e.tokens[at] == self.words[SEARCH]
+            word = SEARCH if searching else ANSWER
+            body = (text[len(word):] if text.startswith(word) else text).lstrip(" :").strip()
+            e.turns.append({"role": "assistant", "content": text, "action": "search" if searching else "answer"})
+            e.chat.append({"role": "assistant", "content": text})
+            if searching:
+                e.turns[-1]["query"] = body
+            else:
+                e.answer, e.finish_reason = body, c.finish_reason
+
+    def _search(self, batch: list[_Episode]) -> None:
+        """Run each episode's query and feed the result back, with the turn markers around it."""
+        queries = [e.turns[-1]["query"] for e in batch]
+        asked = [i for i, q in enumerate(queries) if q]
+        results = dict(zip(asked, self.tool([queries[i] for i in asked]))) if asked else {}
+        for i, e in enumerate(batch):
+            if i in results:
+                text, passages = results[i]
+                e.passages += [p for p in passages if p.id not in {x.id for x in e.passages}]
+                e.turns.append({"role": "tool", "name": self.tool.name, "content": text,
+                                "passage_ids": [p.id for p in passages]})
+            else:
+                text = "error: the query is empty; write the words to search for after 'Search:'"
+                e.turns.append({"role": "tool", "name": self.tool.name, "content": text, "error": True})
+            result = {"role": "user", "content": tool_result_turn(self.tool.name, text)["content"]}
+            e.add(self._fed_back(e, result), None)
+            e.chat.append(result)
+
+    def _fed_back(self, e: _Episode, result: dict) -> list[int]:
+        """The token ids between the end of the policy's turn and its next turn: the rest of its turn's closing
+        markup, the result turn and the next assistant header, as the chat template renders them."""
+        tok = self.policy.tokenizer
+        chat = e.chat[:-1] + [{"role": "assistant", "content": _MARK}, result]
+        text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        tail = text[text.rindex(_MARK) + len(_MARK):]
+        last = e.tokens[-1]
+        if last in self.policy.stop_token_ids:  # the turn's end-of-turn token was sampled: do not feed it twice
+            said = tok.decode([last])
+            tail = tail[len(said):] if tail.startswith(said) else tail
+        return tok.encode(tail, add_special_tokens=False)

@@ -212,14 +212,17 @@ class EpisodeRunner:
             e.chat.append(result)
 
     def _fed_back(self, e: _Episode, result: dict) -> list[int]:
-        """The token ids between the end of the policy's turn and its next turn: the rest of its turn's closing
-        markup, the result turn and the next assistant header, as the chat template renders them."""
-        tok = self.policy.tokenizer
-        chat = e.chat[:-1] + [{"role": "assistant", "content": _MARK}, result]
-        text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        tail = text[text.rindex(_MARK) + len(_MARK):]
-        last = e.tokens[-1]
-        if last in self.policy.stop_token_ids:  # the turn's end-of-turn token was sampled: do not feed it twice
-            said = tok.decode([last])
-            tail = tail[len(said):] if tail.startswith(said) else tail
-        return tok.encode(tail, add_special_tokens=False)
+        return fed_back(self.policy.tokenizer, e.chat[:-1], [result], e.tokens[-1], self.policy.stop_token_ids)
+
+
+def fed_back(tokenizer, chat: Sequence[dict], new: Sequence[dict], last_token: int, stop_ids: Sequence[int]) -> list[int]:
+    """The token ids between the end of the policy's turn (after `chat`, its last sampled token `last_token`) and
+    its next turn: the rest of its turn's closing markup, the `new` turns (a tool's result) and the next assistant
+    header, as the chat template renders them. The policy's own turn is not rendered, so never re-tokenised."""
+    rendered = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": _MARK}, *new],
+                                             add_generation_prompt=True, tokenize=False)
+    tail = rendered[rendered.rindex(_MARK) + len(_MARK):]
+    if last_token in stop_ids:  # the turn's end-of-turn token was sampled: do not feed it twice
+        said = tokenizer.decode([last_token])
+        tail = tail[len(said):] if tail.startswith(said) else tail
+    return tokenizer.encode(tail, add_special_tokens=False)

@@ -152,3 +152,59 @@ def test_a_failed_run_leaves_no_steps_behind(agent):
     with pytest.raises(RuntimeError):
         chain.invoke([HumanMessage("Why protect tigers?")], config={"callbacks": [recorder]})
     assert recorder.steps == [] and recorder.group_ids == []
+
+
+# ----- episodes from a tool-calling agent the user wrote ------------------------------------------------
+
+def test_a_tool_calling_run_becomes_one_episode_with_the_tool_results_fed_back_masked(agent, monkeypatch):
+    import torch
+
+    from grpo_agent.grpo import completion_logprobs
+    from grpo_agent.integrations.langchain import collect_episodes
+    from grpo_agent.records import Group
+    from grpo_agent.updater import GRPOUpdater
+    from grpo_agent.config import UpdateConfig
+
+    policy = agent.policy
+    said = iter(['{"tool": "lookup", "arguments": {"query": "tigers"}}', "Tigers number about 5,500.",
+                 '{"tool": "lookup", "arguments": {"query": "lions"}}', "I do not know."])
+    prompts = []
+
+    def scripted(chats, k=1, prompt_ids=None, temperature=1.0, **kw):  # "samples" fixed texts, with real log-probs
+        prompts.append(list(prompt_ids[0]))
+        return [Group(chats[0], prompt_ids[0], [policy.completion(prompt_ids[0], next(said), temperature)])]
+
+    monkeypatch.setattr(policy, "sample", scripted)
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look up facts about an animal."""
+        return "Tigers number about 5,500 in the wild." if "tiger" in query else "No facts found."
+
+    def run(model, question):  # a hand-written tool-calling loop, as LangChain's guides write one
+        bound, messages = model.bind_tools([lookup]), [HumanMessage(question)]
+        while True:
+            ai = bound.invoke(messages)
+            if not ai.tool_calls:
+                return ai.content
+            messages += [ai] + [lookup.invoke(call) for call in ai.tool_calls]
+
+    group = collect_episodes(agent, "How many tigers are in the wild?", run, k=2)
+    assert [c.text for c in group.completions] == ["Tigers number about 5,500.", "I do not know."]
+    tok = policy.tokenizer
+    for n, c in enumerate(group.completions):
+        assert [t["role"] for t in c.turns] == ["assistant", "tool", "assistant"]
+        full = group.prompt_token_ids + c.token_ids
+        assert prompts[2 * n] == group.prompt_token_ids and full[: len(prompts[2 * n + 1])] == prompts[2 * n + 1]
+        fed = tok.decode([t for t, m in zip(c.token_ids, c.mask) if not m])
+        assert c.turns[1]["content"] in fed  # the tool's result went back as tokens the policy did not sample
+        ids = torch.tensor([full])  # each sampled token's log-prob is the policy's in the whole multi-turn sequence
+        logp, _ = completion_logprobs(policy.model, ids, torch.ones_like(ids), len(c.token_ids), 1.0)
+        sampled = torch.tensor(c.mask, dtype=torch.bool)
+        assert torch.allclose(logp[0][sampled], torch.tensor(c.logprobs)[sampled], atol=1e-4)
+    grounding = [c.scores["grounding"] for c in group.completions]
+    assert grounding[0] > grounding[1]  # each answer checked against what its own run's tool returned
+    (stored,) = agent.store.groups(source="langchain")
+    assert stored.completions == group.completions
+    (metrics,) = GRPOUpdater(policy, UpdateConfig(learning_rate=1e-3, lora_r=4, beta=0.0)).train([stored])
+    assert metrics["tokens"] == sum(sum(c.mask) for c in group.completions)

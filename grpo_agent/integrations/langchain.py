@@ -5,6 +5,10 @@
 - `FactIndexRetriever`: the fact index as a `BaseRetriever`.
 - `GRPORunRecorder`: a callback handler that records a LangChain run's steps (model calls, tool calls and
   their results) and attaches them in the store to the groups the run produced.
+- `collect_episodes`: a tool-calling agent the user wrote (LangChain, or LangGraph's `create_react_agent`) run K
+  times on a task with an `EpisodeChatModel`, which samples one answer per call and keeps the run's token ids as
+  sampled; the K runs are one group of multi-turn episodes (episodes.py), scored on their final answers with
+  what their tools returned, and logged for the updater.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
+from ..episodes import fed_back
+from ..records import Completion, Group, Passage
 from ..retrieval import FactIndex
 from ..toolcalls import cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
 
@@ -85,6 +91,120 @@ class GRPOChatModel(BaseChatModel):
             raise ValueError(f"GRPOChatModel cannot force tool_choice={tool_choice!r}: a sampled answer may or may "
                              "not call a tool; leave tool_choice unset (this also rules out with_structured_output)")
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+
+class EpisodeChatModel(BaseChatModel):
+    """One episode of a tool-calling agent run: each call samples one answer from the agent's policy (no best of
+    K) and continues the token ids of the calls before it. Between two calls the conversation may only grow by
+    the answer this model gave and the turns after it (the tools' results); those turns are rendered by the chat
+    template and fed to the policy (masked in training), the policy's own turns never re-tokenised.
+    `episode()` is the run so far as a Completion (collect_episodes makes one model per episode)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    agent: Any  # a grpo_agent.agent.GRPOAgent
+    seed: int | None = None
+    max_turns: int = 8  # model calls in one run, at most (a run that keeps calling is cut off: EpisodeError)
+    start: list = Field(default_factory=list)  # the first call's conversation: the task
+    chat: list = Field(default_factory=list)  # the conversation as the policy saw it (for the template)
+    prompt: list = Field(default_factory=list)  # the first call's prompt ids
+    tokens: list = Field(default_factory=list)
+    logprobs: list = Field(default_factory=list)
+    mask: list = Field(default_factory=list)
+    turns: list = Field(default_factory=list)
+    passages: list = Field(default_factory=list)  # what the tools returned, as passages for the scorers
+    answer: str = ""
+    finish_reason: str = "length"
+
+    @property
+    def _llm_type(self) -> str:
+        return "grpo-agent-episode"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        policy = self.agent.policy
+        tools = kwargs.get("tools") or []
+        chat = [{"role": "user" if m["role"] == "tool" else m["role"], "content": m["content"]}  # as the agent shows it
+                for m in ([tool_system_turn(tools)] if tools else []) + to_chat(messages)]
+        calls = sum(t["role"] == "assistant" for t in self.turns)
+        if calls >= self.max_turns:
+            raise ValueError(f"the agent called the model {calls} times in one episode (max_turns = {self.max_turns})")
+        if not self.prompt:
+            self.prompt, self.chat, self.start = policy.encode_chat(chat), chat, chat
+        else:
+            before = self.chat  # ends with the answer this model gave last
+            if len(chat) <= len(before) or chat[: len(before)] != before:
+                raise ValueError("the agent changed the conversation between two model calls; an episode's "
+                                 "conversation may only grow by the model's answer and the turns after it")
+            new = chat[len(before):]
+            ids = fed_back(policy.tokenizer, before[:-1], new, self.tokens[-1], policy.stop_token_ids)
+            self.tokens, self.logprobs, self.mask = self.tokens + ids, self.logprobs + [0.0] * len(ids), \
+                self.mask + [0] * len(ids)
+            for m, turn in zip(messages[len(messages) - len(new):], new):
+                if isinstance(m, ToolMessage):
+                    self.passages.append(Passage(f"{m.name}:{m.tool_call_id}", m.text, source=m.name or "tool"))
+                    self.turns.append({"role": "tool", "name": m.name, "content": m.text,
+                                       "error": getattr(m, "status", "success") == "error"})
+                else:
+                    self.turns.append(dict(turn))
+        s = self.agent.sampling
+        seed = None if self.seed is None else self.seed * 1_000_003 + calls
+        (group,) = policy.sample([chat], k=1, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                 top_p=s.top_p, seed=seed, prompt_ids=[self.prompt + self.tokens])
+        c = group.completions[0]
+        self.tokens, self.logprobs, self.mask = self.tokens + c.token_ids, self.logprobs + c.logprobs, \
+            self.mask + [1] * len(c.token_ids)
+        text, _ = cut_at_stop(c.text, stop or [])
+        call = parse_tool_call(text, [t["function"]["name"] for t in tools]) if tools else None
+        self.turns.append({"role": "assistant", "content": text, "action": "tool_call" if call else "answer"})
+        answer = tool_calls_turn([(call["name"], call["args"])]) if call else {"role": "assistant", "content": text}
+        self.chat = chat + [answer]  # (what to_chat makes of the AIMessage returned, next call)
+        if call:
+            call["type"] = "tool_call"
+        else:
+            self.answer, self.finish_reason = text, c.finish_reason
+        message = AIMessage(content="" if call else text, tool_calls=[call] if call else [],
+                            response_metadata={"policy_version": policy.version})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any):
+        """As GRPOChatModel.bind_tools."""
+        if tool_choice not in (None, "auto"):
+            raise ValueError(f"EpisodeChatModel cannot force tool_choice={tool_choice!r}; leave it unset")
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    def episode(self) -> Completion:
+        """The run so far: every token id after the first prompt, 1 in `mask` where the policy sampled it."""
+        if not self.prompt:
+            raise ValueError("the agent never called the model: nothing to make an episode of")
+        return Completion(text=self.answer, token_ids=list(self.tokens), logprobs=list(self.logprobs),
+                          finish_reason=self.finish_reason, mask=list(self.mask), turns=list(self.turns))
+
+
+def collect_episodes(agent, question: str, run, k: int | None = None, seed: int | None = None,
+                     source: str = "langchain") -> Group:
+    """Run the user's agent `k` times (default the agent's k) on `question` and return the runs as one scored
+    group of episodes, logged in the agent's store. `run(model, question)` builds the user's agent around `model`
+    (an EpisodeChatModel: bind_tools works, as with create_react_agent) and runs it to its end."""
+    from ..scoring import ScoreContext
+
+    k = k or agent.k
+    models = [EpisodeChatModel(agent=agent, seed=None if seed is None else seed * 1_000_003 + i) for i in range(k)]
+    for model in models:
+        run(model, question)
+    episodes = [m.episode() for m in models]
+    prompts = {tuple(m.prompt) for m in models}
+    if len(prompts) != 1:
+        raise ValueError("the K runs started from different prompts: a group's episodes must answer the same task")
+    group = Group(messages=[dict(m) for m in models[0].start], prompt_token_ids=list(models[0].prompt),
+                  completions=episodes, policy_version=agent.policy.version, temperature=agent.sampling.temperature)
+    scored = agent.scorer.score_episodes(group, ScoreContext(question), [m.passages for m in models],
+                                         agent.episodes.tool_error_penalty)
+    agent.scorer.assign_rewards([group], [scored.composite])
+    if agent.store is not None:
+        agent.store.log_group(group, prompt=question, passage_ids=[p.id for m in models for p in m.passages],
+                              config_hash=agent.config_hash, source=source)
+    return group
 
 
 class GRPORunRecorder(BaseCallbackHandler):

@@ -132,17 +132,10 @@ class EpisodeRunner:
             active = [e for e in episodes if not e.done]
             if not active:
                 break
-            searching = self._open(active, gen, last=turn == self.max_turns - 1)
-            searchers = [e for e, s in zip(active, searching) if s]
-            answerers = [e for e, s in zip(active, searching) if not s]
-            for batch, limit, stops in ((searchers, self.query_tokens, self.query_stops),
-                                        (answerers, self.max_new_tokens, None)):
-                if batch:
-                    self._continue(batch, limit, stops, int(torch.randint(2**31 - 1, (1,), generator=gen)))
+            searchers = self._turn(active, int(torch.randint(2**31 - 1, (1,), generator=gen)),
+                                   last=turn == self.max_turns - 1)
             if searchers:
                 self._search(searchers)
-            for e in answerers:
-                e.done = True
         groups, retrieved = [], []
         for b, q in enumerate(questions):
             mine = episodes[b * k:(b + 1) * k]
@@ -152,46 +145,42 @@ class EpisodeRunner:
             retrieved.append([e.passages for e in mine])
         return groups, retrieved
 
-    def _open(self, active: list[_Episode], gen: torch.Generator, last: bool) -> list[bool]:
-        """Each active episode's opening word, sampled between the two by the model's probabilities (the last turn:
-        fed "Answer"); returns which chose to search."""
+    def _turn(self, active: list[_Episode], seed: int, last: bool) -> list[_Episode]:
+        """One turn of every active episode in one sampling call: the opening word chosen between the two by the
+        model's own probabilities (on the last turn "Answer" is fed instead), then the rest of the turn. A search
+        turn is kept up to the end of its query's line (at most query_tokens); the tokens sampled after it are
+        dropped, never fed back. Returns the episodes that searched."""
         s, a = self.words[SEARCH], self.words[ANSWER]
         if last:
             for e in active:
                 e.add([a], None)
-            return [False] * len(active)
-        logp = self.policy.next_token_logprobs_of([e.prompt + e.tokens for e in active], self.temperature)  # (B, V)
-        pair = logp[:, [s, a]]  # (B, 2): the two words' log-probs under the full softmax
-        if self.temperature == 0:  # greedy: the likelier word
-            choice = pair.argmax(-1)  # 0: search
-        else:
-            choice = torch.multinomial(torch.softmax(pair, dim=-1), 1, generator=gen).squeeze(-1)
-        out = []
-        for e, c, lp in zip(active, choice.tolist(), pair.tolist()):
-            e.add([s if c == 0 else a], [lp[c]])
-            out.append(c == 0)
-        return out
-
-    def _continue(self, batch: list[_Episode], limit: int, stops: Sequence[int] | None, seed: int) -> None:
-        """The rest of each episode's turn after its opening word, sampled in one call."""
-        start = [len(e.tokens) - 1 for e in batch]  # where the turn began: its opening word
-        groups = self.policy.sample([[{"role": "user", "content": ""}]] * len(batch), k=1, max_new_tokens=limit,
-                                    temperature=self.temperature, top_p=self.top_p, seed=seed,
-                                    stop_token_ids=stops, prompt_ids=[e.prompt + e.tokens for e in batch])
-        tok = self.policy.tokenizer
-        for e, g, at in zip(batch, groups, start):
+        groups = self.policy.sample([[{"role": "user", "content": ""}]] * len(active), k=1,
+                                    max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                    top_p=self.top_p, seed=seed, prompt_ids=[e.prompt + e.tokens for e in active],
+                                    first_tokens=None if last else [s, a])
+        tok, searchers = self.policy.tokenizer, []
+        stops = set(self.query_stops)
+        for e, g in zip(active, groups):
             c = g.completions[0]
-            e.add(c.token_ids, c.logprobs)
-            text = tok.decode(e.tokens[at:], skip_special_tokens=True).strip()
-            searching = e.tokens[at] == self.words[SEARCH]
+            ids, logprobs, finish = c.token_ids, c.logprobs, c.finish_reason
+            searching = not last and ids[0] == s
+            if searching:  # the query: its line, at most query_tokens after the opening word
+                end = next((i for i, t in enumerate(ids[1 : self.query_tokens + 1], 1) if t in stops),
+                           min(len(ids), self.query_tokens + 1) - 1)
+                ids, logprobs = ids[: end + 1], logprobs[: end + 1]
+            start = len(e.tokens) - (1 if last else 0)  # where the turn began: its opening word
+            e.add(ids, logprobs)
+            text = tok.decode(e.tokens[start:], skip_special_tokens=True).strip()
             word = SEARCH if searching else ANSWER
             body = (text[len(word):] if text.startswith(word) else text).lstrip(" :").strip()
             e.turns.append({"role": "assistant", "content": text, "action": "search" if searching else "answer"})
             e.chat.append({"role": "assistant", "content": text})
             if searching:
                 e.turns[-1]["query"] = body
+                searchers.append(e)
             else:
-                e.answer, e.finish_reason = body, c.finish_reason
+                e.answer, e.finish_reason, e.done = body, finish, True
+        return searchers
 
     def _search(self, batch: list[_Episode]) -> None:
         """Run each episode's query and feed the result back, with the turn markers around it."""

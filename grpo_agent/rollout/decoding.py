@@ -228,8 +228,9 @@ class Decoded:
 
 @torch.inference_mode()
 def decode(model, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float, top_p: float,
-           gen: torch.Generator, stops: torch.Tensor, pad_id: int) -> Decoded:
-    """Sample K completions of each prompt, one token a step for all rows still going (module docstring)."""
+           gen: torch.Generator, stops: torch.Tensor, pad_id: int, first: torch.Tensor | None = None) -> Decoded:
+    """Sample K completions of each prompt, one token a step for all rows still going (module docstring).
+    `first`: the token ids the first token is chosen among (by their probabilities, renormalised)."""
     device = next(model.parameters()).device
     shared = shares_prefix(model)
     if shared:
@@ -254,7 +255,7 @@ def decode(model, prompts: list[list[int]], k: int, max_new_tokens: int, tempera
 
     with shared_prefix_attention(model) if shared else nullcontext():
         for t in range(max_new_tokens):
-            tok, lp = pick(logits.float(), temperature, top_p, gen)
+            tok, lp = pick(logits.float(), temperature, top_p, gen, among=first if t == 0 else None)
             tokens[active, t], logps[active, t], lengths[active] = tok, lp, t + 1
             done = torch.isin(tok, stops)
             if t == max_new_tokens - 1:
@@ -285,9 +286,20 @@ def decode(model, prompts: list[list[int]], k: int, max_new_tokens: int, tempera
     return Decoded(tokens.cpu(), logps.cpu(), lengths.tolist(), stopped.tolist())
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from logits (n, V); return the ids (n,) and their tempered log-probs (n,)."""
+def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator,
+         among: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from logits (n, V); return the ids (n,) and their tempered log-probs (n,).
+    `among` (m,): choose only among these ids, by their probabilities renormalised over them (top_p not applied);
+    the log-probs are still the full softmax's, as a forward pass recomputes them."""
+    if among is not None:
+        logp = torch.log_softmax(logits / temperature if temperature else logits, dim=-1)
+        pair = logp[:, among]  # (n, m)
+        if temperature == 0:
+            choice = pair.argmax(dim=-1)
+        else:
+            choice = torch.multinomial(torch.softmax(pair, dim=-1), 1, generator=gen).squeeze(1)
+        tok = among[choice]
+        return tok, logp.gather(1, tok[:, None]).squeeze(1)
     if temperature == 0:
         logp = torch.log_softmax(logits, dim=-1)
         tok = logp.argmax(dim=-1)

@@ -224,16 +224,10 @@ class Policy:
         """log p(next token) after each chat's generation prompt (and `prefix`, the start of the answer), in
         one batched forward pass: (B, V)."""
         start = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        return self.next_token_logprobs_of([self.encode_chat(m) + start for m in messages_batch])
-
-    @torch.inference_mode()
-    def next_token_logprobs_of(self, prompt_ids: Sequence[list[int]], temperature: float = 1.0) -> torch.Tensor:
-        """log_softmax(logits / temperature) of the token after each of `prompt_ids`, in one forward pass: (B, V)
-        (temperature 0: at temperature 1, as the sampler's greedy log-probs)."""
-        input_ids, attn, pos = left_pad([list(p) for p in prompt_ids], self.pad_token_id, self.device)
+        input_ids, attn, pos = left_pad([self.encode_chat(m) + start for m in messages_batch], self.pad_token_id,
+                                        self.device)
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        return torch.log_softmax(logits / temperature if temperature else logits, dim=-1)
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def prompts(self, messages_batch: Sequence[Messages], prefix: str = "", tools: Sequence[dict] | None = None,
                 prompt_ids: Sequence[list[int]] | None = None) -> list[list[int]]:
@@ -258,6 +252,7 @@ class Policy:
         prefix: str = "",
         tools: Sequence[dict] | None = None,
         prompt_ids: Sequence[list[int]] | None = None,
+        first_tokens: Sequence[int] | None = None,
     ) -> list[Group]:
         """Sample K completions for every chat in one batched, KV-cached decode; one Group per chat.
 
@@ -269,6 +264,8 @@ class Policy:
         `prefix` forces the start of every answer: its tokens are appended to the prompt (and so belong to
         each group's prompt_token_ids), and the completions continue from it.
         `prompt_ids`: the chats already encoded (encode_chat(m, tools), one per chat), so they are not encoded again.
+        `first_tokens`: the ids the first token is chosen among, by the model's probabilities renormalised over them
+        (its log-prob is still the full softmax's): a constrained action, as episodes.py opens each turn.
         """
         if k < 1 or max_new_tokens < 1:
             raise ValueError(f"k = {k} and max_new_tokens = {max_new_tokens} must both be >= 1")
@@ -281,7 +278,8 @@ class Policy:
         stops = torch.tensor(self.stop_token_ids if stop_token_ids is None else list(stop_token_ids), device=device)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed) if seed is not None else gen.seed()
-        out = decode(self.model, prompts, k, max_new_tokens, temperature, top_p, gen, stops, self.pad_token_id)
+        first = None if first_tokens is None else torch.tensor(list(first_tokens), device=device)
+        out = decode(self.model, prompts, k, max_new_tokens, temperature, top_p, gen, stops, self.pad_token_id, first)
         tokens, logps, lengths, stopped = out.tokens, out.logprobs, out.lengths, out.stopped
         groups = []
         for b, messages in enumerate(messages_batch):

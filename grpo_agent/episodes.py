@@ -94,6 +94,7 @@ class EpisodeRunner:
         self.temperature, self.top_p, self.system = temperature, top_p, system
         tok = policy.tokenizer
         self.words = {w: tok.encode(w, add_special_tokens=False)[0] for w in (SEARCH, ANSWER)}
+        self.answer_ids = tok.encode(ANSWER, add_special_tokens=False)  # fed whole on the last turn
         if self.words[SEARCH] == self.words[ANSWER]:
             raise ValueError(f"{SEARCH!r} and {ANSWER!r} start with the same token for this tokenizer")
         # a query ends at the end of its line (any token holding a newline) or at the end of the turn
@@ -153,7 +154,7 @@ class EpisodeRunner:
         s, a = self.words[SEARCH], self.words[ANSWER]
         if last:
             for e in active:
-                e.add([a], None)
+                e.add(self.answer_ids, None)
         groups = self.policy.sample([[{"role": "user", "content": ""}]] * len(active), k=1,
                                     max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                     top_p=self.top_p, seed=seed, prompt_ids=[e.prompt + e.tokens for e in active],
@@ -168,7 +169,7 @@ class EpisodeRunner:
                 end = next((i for i, t in enumerate(ids[1 : self.query_tokens + 1], 1) if t in stops),
                            min(len(ids), self.query_tokens + 1) - 1)
                 ids, logprobs = ids[: end + 1], logprobs[: end + 1]
-            start = len(e.tokens) - (1 if last else 0)  # where the turn began: its opening word
+            start = len(e.tokens) - (len(self.answer_ids) if last else 0)  # where the turn began: its opening word
             e.add(ids, logprobs)
             text = tok.decode(e.tokens[start:], skip_special_tokens=True).strip()
             word = SEARCH if searching else ANSWER

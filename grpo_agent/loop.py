@@ -149,8 +149,7 @@ class SelfImprovementLoop:
         identity = {"metric": "accuracy" if labelled else "composite", "eval_tasks": digest}
         sampling = self.agent.sampling
         identity["sampling"] = {"max_new_tokens": sampling.max_new_tokens}  # the greedy eval's length cap too
-        if self.cfg.unit != "answer":  # answered in episodes, with the search tool
-            identity["unit"] = self.cfg.unit
+        identity["unit"] = self.cfg.unit  # answers, or episodes with the search tool
         if not labelled:  # the composite depends on how the answers are sampled and scored
             identity["sampling"].update(eval_k=self.cfg.eval_k, temperature=sampling.temperature,
                                         top_p=sampling.top_p)
@@ -164,6 +163,7 @@ class SelfImprovementLoop:
         """Run rounds until `rounds` have been completed in this run directory; returns their rows."""
         identity = self._eval_identity()
         recorded = self.state.eval_identity or identity  # runs from before a key existed compare on the rest
+        recorded = {"unit": "answer", **recorded}  # (runs from before episodes answered)
         if any(recorded[k] != identity.get(k) for k in recorded):
             raise LoopError(
                 f"{self.dir.path} was gated on {recorded} but this run evaluates {identity}: the evals would not "
@@ -183,13 +183,18 @@ class SelfImprovementLoop:
             self._best_monitors(result)
             self._save_state()
         rows, self._target = [], rounds
-        while self.state.round < rounds:
-            limit = self.cfg.stop_after_rollbacks
-            if limit and self.state.rollbacks_in_a_row >= limit:
-                self.state.stopped = f"guard stop_after_rollbacks: {limit} rollbacks in a row"
-                self._save_state()
-                break
-            rows.append(self.run_round(self.state.round + 1))
+        try:
+            while self.state.round < rounds:
+                limit = self.cfg.stop_after_rollbacks
+                if limit and self.state.rollbacks_in_a_row >= limit:
+                    self.state.stopped = f"guard stop_after_rollbacks: {limit} rollbacks in a row"
+                    self._save_state()
+                    break
+                rows.append(self.run_round(self.state.round + 1))
+        finally:  # a collection started ahead for a round this run does not reach: stopped, nothing logged
+            if self._ahead is not None:
+                self._ahead, ahead = None, self._ahead
+                ahead.cancel()
         return rows
 
     def run_round(self, r: int) -> dict:
@@ -202,14 +207,15 @@ class SelfImprovementLoop:
         # Groups sampled too many promotions back are consumed untrained (their old policy is too far off).
         promotions = self.promotions()
         stale = {g.group_id for g in groups if staleness(g.policy_version, promotions) > self.cfg.max_staleness}
+        fresh = [g for g in groups if g.group_id not in stale]
         if self.updater is not None:
             # Once per round: after a restart the store already holds the blended scores, which must not blend twice.
             if self.state.rescored_round != r:
-                if self.agent.scorer.rescore(groups, store.feedback_for([g.group_id for g in groups])):
-                    store.record_scores(groups)  # the store keeps the advantages the update trains on
+                if self.agent.scorer.rescore(fresh, store.feedback_for([g.group_id for g in fresh])):
+                    store.record_scores(fresh)  # the store keeps the advantages the update trains on
                 self.state.rescored_round = r
                 self._save_state()
-            self.update(r, [g for g in groups if g.group_id not in stale])
+            self.update(r, fresh)
         result = self.evaluate()
         promoted, reason = gate(result, self.state.promoted_eval, self.state.promoted_values,
                                 self.cfg.margin, self.cfg.min_gain_z)
@@ -370,8 +376,7 @@ class SelfImprovementLoop:
         """Round r's tasks from the task cursor on, in batches (chunks), each with a seed made from
         sampling.seed and its place in the task stream, so it gets the same groups wherever it is answered."""
         end, seed, chunks = r * self.cfg.tasks_per_round, self.agent.sampling.seed, []
-        start = max(self.state.cursor, end - self.cfg.tasks_per_round)
-        for start in range(start, end, self.batch):
+        for start in range(self.state.cursor, end, self.batch):
             tasks = [self.tasks[i % len(self.tasks)] for i in range(start, min(start + self.batch, end))]
             chunks.append(Chunk(start, [t["question"] for t in tasks], [t.get("id") for t in tasks],
                                 [corpus_answer(t) for t in tasks],
@@ -386,8 +391,10 @@ class SelfImprovementLoop:
         bar = tqdm(total=self.cfg.tasks_per_round, initial=self.cfg.tasks_per_round - (end - self.state.cursor),
                    desc=f"round {r} collect", unit="task", disable=not self.progress, leave=False)
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.round == r and ahead.start == self.state.cursor:
-            for chunk, entries in ahead:  # (it stops early only when the workers are closed)
+        if ahead is not None and (ahead.round != r or ahead.start != self.state.cursor):
+            ahead.cancel()  # not this round's: its workers are needed below
+        elif ahead is not None:
+            for chunk, entries in ahead:
                 self._log(chunk, entries, bar)
         if self.workers is not None:
             for chunk, entries in self.workers.answer(self._chunks(r)):  # in order, while the workers answer the rest
@@ -403,6 +410,8 @@ class SelfImprovementLoop:
                 self._log(chunk, agent.group_logs(chunk.questions, answered, chunk.task_ids, chunk.references,
                                                   chunk.meta), bar, learn)
         bar.close()
+        if self.state.cursor != end:
+            raise LoopError(f"round {r}'s collection stopped at task {self.state.cursor} of {end}; rerun to resume")
 
     def _collect_ahead(self, r: int) -> None:
         """With rollout workers and max_staleness >= 1: start round r's collection now, in the background, while
@@ -418,8 +427,9 @@ class SelfImprovementLoop:
     def _log(self, chunk: Chunk, entries: list[dict | None], bar: tqdm, learn=None) -> None:
         """Write a chunk's groups, each under an id made from the run and its place in the task stream (a chunk
         answered again after a kill writes only what the killed run did not), then move the cursor past it.
-        `learn` (training-free) runs between the two: a kill before the cursor moves answers the chunk again
-        (the same groups, the library unchanged) and learns from it then, so no batch's lessons are lost."""
+        `learn` (training-free) runs between the two: a kill before the lessons are stored answers the chunk again
+        and learns from it then, so no batch's lessons are lost (a kill in the moment between storing them and
+        moving the cursor learns that batch twice; a repeated lesson is caught as a near-duplicate)."""
         ids = [f"{self.state.run_id}-{chunk.start + i:07d}" for i in range(len(entries))]
         logged = self.agent.store.logged(ids)
         for group_id, entry in zip(ids, entries):

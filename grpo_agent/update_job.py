@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -37,20 +38,24 @@ def run_update(run_dir: Path, store: Path, checkpoints: Path, policy: dict, upda
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "grpo_agent.update_job", str(job)]
-    # Its own session, so that a timeout or Ctrl-C here stops torchrun and every rank it started, nothing else.
-    proc = subprocess.Popen(tied_to_this_process(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        stop_session(proc)
-        raise UpdateError(f"the update on {processes} processes ran past {timeout:g} s; rerun the loop to resume "
-                          "from its last checkpoint") from e
-    except BaseException:
-        stop_session(proc)
-        raise
+    # Its own session, so that a timeout or Ctrl-C here stops torchrun and every rank it started, nothing else;
+    # its output goes to a file (a pipe nobody reads while it is stopped could block its ranks).
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(tied_to_this_process(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            stop_session(proc)
+            raise UpdateError(f"the update on {processes} processes ran past {timeout:g} s; rerun the loop to resume "
+                              "from its last checkpoint") from e
+        except BaseException:
+            stop_session(proc)
+            raise
+        log.seek(0)
+        output = log.read()
     if proc.returncode != 0:
-        tail = "\n".join((err or out).strip().splitlines()[-15:])
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise UpdateError(f"the update on {processes} processes (torchrun) failed with exit code "
                           f"{proc.returncode}; rerun the loop to resume from its last checkpoint. Its output ended:"
                           f"\n{tail}")

@@ -208,3 +208,16 @@ def test_a_tool_calling_run_becomes_one_episode_with_the_tool_results_fed_back_m
     assert stored.completions == group.completions
     (metrics,) = GRPOUpdater(policy, UpdateConfig(learning_rate=1e-3, lora_r=4, beta=0.0)).train([stored])
     assert metrics["tokens"] == sum(sum(c.mask) for c in group.completions)
+
+
+def test_the_langgraph_episodes_example_runs(tiny_model_dir, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "langgraph_episodes.py"), "--model",
+                          str(tiny_model_dir), "--store", str(tmp_path / "store.sqlite")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "one update on 2 episode groups (4 episodes)" in out.stdout
+    from grpo_agent.store import TrajectoryStore
+
+    with TrajectoryStore(tmp_path / "store.sqlite") as store:
+        groups = store.groups(source="langchain")
+    assert len(groups) == 2 and all(c.mask is not None and c.turns for g in groups for c in g.completions)

@@ -104,7 +104,7 @@ class EpisodeChatModel(BaseChatModel):
 
     agent: Any  # a grpo_agent.agent.GRPOAgent
     seed: int | None = None
-    max_turns: int = 8  # model calls in one run, at most (a run that keeps calling is cut off: EpisodeError)
+    max_turns: int = 8  # model calls in one run, at most: the last one's answer is the final one, even if it names a tool
     start: list = Field(default_factory=list)  # the first call's conversation: the task
     chat: list = Field(default_factory=list)  # the conversation as the policy saw it (for the template)
     prompt: list = Field(default_factory=list)  # the first call's prompt ids
@@ -128,7 +128,8 @@ class EpisodeChatModel(BaseChatModel):
                 for m in ([tool_system_turn(tools)] if tools else []) + to_chat(messages)]
         calls = sum(t["role"] == "assistant" for t in self.turns)
         if calls >= self.max_turns:
-            raise ValueError(f"the agent called the model {calls} times in one episode (max_turns = {self.max_turns})")
+            raise ValueError(f"the agent called the model again after its final answer (max_turns = {self.max_turns}); "
+                             "end the run when the model answers without a tool call")
         if not self.prompt:
             self.prompt, self.chat, self.start = policy.encode_chat(chat), chat, chat
         else:
@@ -137,7 +138,8 @@ class EpisodeChatModel(BaseChatModel):
                 raise ValueError("the agent changed the conversation between two model calls; an episode's "
                                  "conversation may only grow by the model's answer and the turns after it")
             new = chat[len(before):]
-            ids = fed_back(policy.tokenizer, before[:-1], new, self.tokens[-1], policy.stop_token_ids)
+            with self.agent._lock:  # (the tokenizer too is used by one thread at a time)
+                ids = fed_back(policy.tokenizer, before[:-1], new, self.tokens[-1], policy.stop_token_ids)
             self.tokens, self.logprobs, self.mask = self.tokens + ids, self.logprobs + [0.0] * len(ids), \
                 self.mask + [0] * len(ids)
             for m, turn in zip(messages[len(messages) - len(new):], new):
@@ -148,14 +150,19 @@ class EpisodeChatModel(BaseChatModel):
                 else:
                     self.turns.append(dict(turn))
         s = self.agent.sampling
-        seed = None if self.seed is None else self.seed * 1_000_003 + calls
-        (group,) = policy.sample([chat], k=1, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                 top_p=s.top_p, seed=seed, prompt_ids=[self.prompt + self.tokens])
+        seed = None if self.seed is None else (self.seed * 1_000_003 + calls) % 2**31
+        with self.agent._lock:  # one model call at a time, on the weights the agent follows
+            if not calls:
+                self.agent._check_promoted()
+            (group,) = policy.sample([chat], k=1, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                     top_p=s.top_p, seed=seed, prompt_ids=[self.prompt + self.tokens])
         c = group.completions[0]
-        self.tokens, self.logprobs, self.mask = self.tokens + c.token_ids, self.logprobs + c.logprobs, \
-            self.mask + [1] * len(c.token_ids)
-        text, _ = cut_at_stop(c.text, stop or [])
-        call = parse_tool_call(text, [t["function"]["name"] for t in tools]) if tools else None
+        text, cut = cut_at_stop(c.text, stop or [])
+        ids, logprobs = (_covering(policy.tokenizer, c.token_ids, text), c.logprobs) if cut else (c.token_ids, c.logprobs)
+        self.tokens, self.logprobs, self.mask = self.tokens + ids, self.logprobs + logprobs[: len(ids)], \
+            self.mask + [1] * len(ids)  # (a turn cut at a stop sequence keeps only the tokens up to it)
+        final = calls == self.max_turns - 1  # the last allowed call: its answer ends the run
+        call = parse_tool_call(text, [t["function"]["name"] for t in tools]) if tools and not final else None
         self.turns.append({"role": "assistant", "content": text, "action": "tool_call" if call else "answer"})
         answer = tool_calls_turn([(call["name"], call["args"])]) if call else {"role": "assistant", "content": text}
         self.chat = chat + [answer]  # (what to_chat makes of the AIMessage returned, next call)
@@ -189,7 +196,8 @@ def collect_episodes(agent, question: str, run, k: int | None = None, seed: int 
     from ..scoring import ScoreContext
 
     k = k or agent.k
-    models = [EpisodeChatModel(agent=agent, seed=None if seed is None else seed * 1_000_003 + i) for i in range(k)]
+    models = [EpisodeChatModel(agent=agent, seed=None if seed is None else (seed * 1_000_003 + i) % 2**31)
+              for i in range(k)]
     for model in models:
         run(model, question)
     episodes = [m.episode() for m in models]
@@ -205,6 +213,15 @@ def collect_episodes(agent, question: str, run, k: int | None = None, seed: int 
         agent.store.log_group(group, prompt=question, passage_ids=[p.id for m in models for p in m.passages],
                               config_hash=agent.config_hash, source=source)
     return group
+
+
+def _covering(tokenizer, ids: Sequence[int], text: str) -> list[int]:
+    """The shortest prefix of `ids` whose decoded text holds `text` (the answer cut at a stop sequence)."""
+    want = text.strip()
+    for n in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:n], skip_special_tokens=True).strip()) >= len(want):
+            return list(ids[:n]) or list(ids[:1])
+    return list(ids)
 
 
 class GRPORunRecorder(BaseCallbackHandler):

@@ -116,6 +116,7 @@ class RolloutWorkers:
         self.replaced = 0  # workers replaced after dying or timing out
         self.on_submit = None  # called (worker index, chunk, worker pid) as a chunk is handed out (tests use it)
         self._closing = False
+        self._lock = threading.RLock()  # close() against a background collection replacing a worker
         self._started = start_ray(address, None if address else max(os.cpu_count() or 1, n * cpus))
         import ray
 
@@ -150,9 +151,11 @@ class RolloutWorkers:
             self.close()
             raise LoopError(f"rollout worker {i} could not start: {_cause(e)}") from None
 
-    def answer(self, chunks: Sequence[Chunk]) -> Iterator[tuple[Chunk, list[dict | None]]]:
+    def answer(self, chunks: Sequence[Chunk], stop: threading.Event | None = None
+               ) -> Iterator[tuple[Chunk, list[dict | None]]]:
         """Each chunk with what the store records of its tasks (GRPOAgent.group_logs), in the chunks' order,
-        while the workers answer the ones after it."""
+        while the workers answer the ones after it. `stop` set: hand out no more chunks and return (the chunks in
+        flight are abandoned). LoopError when the workers are closed before every chunk is back."""
         ray = self._ray
         todo = deque(range(len(chunks)))
         running: dict = {}  # object ref -> (worker index, chunk index, when it was handed out)
@@ -161,7 +164,10 @@ class RolloutWorkers:
         idle = deque(range(self.n))
         following = 0
         try:
-            while following < len(chunks) and not self._closing:
+            while following < len(chunks) and not (stop is not None and stop.is_set()):
+                if self._closing:
+                    raise LoopError(f"the rollout workers were closed with {len(chunks) - following} chunks of "
+                                    "tasks unanswered; rerunning the loop resumes there")
                 while idle and todo:
                     i, c = idle.popleft(), todo.popleft()
                     if self.on_submit is not None:
@@ -190,10 +196,11 @@ class RolloutWorkers:
                     yield chunks[following], done.pop(following)
                     following += 1
         finally:  # left early (an error, or the caller stopped reading): no chunk may stay in flight
-            for i, _, _ in (running.values() if ray.is_initialized() and self.workers and not self._closing else ()):
-                ray.kill(self.workers[i], no_restart=True)
-                self.workers[i] = self._spawn(i)
-                self.pids[i] = self._ready(i)
+            with self._lock:
+                for i, _, _ in (running.values() if ray.is_initialized() and not self._closing else ()):
+                    ray.kill(self.workers[i], no_restart=True)
+                    self.workers[i] = self._spawn(i)
+                    self.pids[i] = self._ready(i)
 
     def _replace(self, i: int, c: int, chunk: Chunk, failures: list[int], todo: deque, why: str) -> None:
         """Worker i died on chunk c: start another in its place and put the chunk first in line."""
@@ -209,15 +216,16 @@ class RolloutWorkers:
 
     def close(self) -> None:
         """Stop the workers (and the local cluster, if this started it)."""
-        self._closing = True  # a collection running ahead in another thread stops handing out chunks
-        ray = self._ray if hasattr(self, "_ray") else None
-        if ray is None or not ray.is_initialized():
-            return
-        for w in getattr(self, "workers", []):
-            ray.kill(w, no_restart=True)
-        self.workers = []
-        if self._started:
-            ray.shutdown()
+        with getattr(self, "_lock", threading.Lock()):
+            self._closing = True  # a collection running ahead in another thread stops handing out chunks
+            ray = self._ray if hasattr(self, "_ray") else None
+            if ray is None or not ray.is_initialized():
+                return
+            for w in getattr(self, "workers", []):
+                ray.kill(w, no_restart=True)
+            self.workers = []
+            if self._started:
+                ray.shutdown()
 
     def __enter__(self) -> "RolloutWorkers":
         return self
@@ -236,6 +244,7 @@ class Ahead:
     def __init__(self, workers: RolloutWorkers, chunks: Sequence[Chunk], round: int):
         self.chunks, self.round = list(chunks), round
         self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._collect, args=(workers,), name=f"collect-round-{round}",
                                         daemon=True)
         self._thread.start()
@@ -246,11 +255,17 @@ class Ahead:
 
     def _collect(self, workers: RolloutWorkers) -> None:
         try:
-            for item in workers.answer(self.chunks):
+            for item in workers.answer(self.chunks, self._stop):
                 self._queue.put(item)
         except BaseException as e:  # handed to the loop's thread, which raises it where it reads
             self._queue.put(e)
         self._queue.put(self._END)
+
+    def cancel(self, timeout: float = 600.0) -> None:
+        """Stop handing out chunks and wait for the thread (the workers still busy are replaced), so that no
+        other collection shares the workers with it."""
+        self._stop.set()
+        self._thread.join(timeout)
 
     def __iter__(self) -> Iterator[tuple[Chunk, list[dict | None]]]:
         while (item := self._queue.get()) is not self._END:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .config import EpisodeConfig, SamplingConfig
+from .episodes import fed_back
 from .errors import AgentError, ContextLengthError, LoopError
 from .guard import GuardDecision, ServingGuard
 from .prompts import SYSTEM, answer_messages
@@ -36,6 +37,48 @@ class Answered:
     contexts: list[ScoreContext]
     scored: list[GroupScores | None]  # None when k = 1 (nothing scored)
     decisions: list[GuardDecision | None]  # None without a serving guard (or k = 1)
+
+
+@dataclass
+class Continued:
+    """An episode a chat continues: the prompt its first turn was sampled from, every token id after it so far
+    (sampled: mask 1; fed back: mask 0) with log-probs and turns, and the chat's turns around its last answer."""
+
+    prompt: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    mask: list[int]
+    turns: list[dict]
+    before: list[dict]  # the chat before the episode's last answer (for the chat template)
+    new: list[dict]  # the turns after it: tool results, a user's reply
+    fed: list[int] = field(default_factory=list)  # the new turns' token ids, once prompt_ids has rendered them
+
+    def _fed(self, policy) -> list[int]:
+        shown = lambda ms: [{"role": "user" if m["role"] == "tool" else m["role"], "content": m["content"]}  # noqa: E731
+                            for m in ms]  # as the agent shows the model a tool's result
+        return fed_back(policy.tokenizer, shown(self.before), shown(self.new), self.tokens[-1], policy.stop_token_ids)
+
+    def prompt_ids(self, policy, max_new_tokens: int, limit: int | None, index: int = 0) -> list[int]:
+        """What the next turn is sampled from: the episode so far and the new turns, fed back as the chat
+        template renders them; ContextLengthError past the context."""
+        self.fed = self._fed(policy)
+        ids = self.prompt + self.tokens + self.fed
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            raise ContextLengthError(f"task {index}: the conversation so far is {len(ids)} tokens and max_new_tokens is "
+                                     f"{max_new_tokens}, past the model's context of {limit}: start a new chat",
+                                     index=index, prompt_tokens=len(ids), limit=limit)
+        return ids
+
+    def extend(self, group: Group) -> None:
+        """Make each of the group's completions the whole episode: the earlier turns, the fed-back ones, then it."""
+        fed, n = self.fed, len(self.fed)
+        new_turns = [dict(m) for m in self.new]
+        for c in group.completions:
+            own = c.mask or [1] * len(c.token_ids)
+            c.token_ids, c.logprobs = self.tokens + fed + c.token_ids, self.logprobs + [0.0] * n + c.logprobs
+            c.mask = self.mask + [0] * n + own
+            c.turns = self.turns + new_turns + [{"role": "assistant", "content": c.text}]
+        group.prompt_token_ids = list(self.prompt)
 
 
 @dataclass
@@ -171,12 +214,16 @@ class GRPOAgent:
 
     def respond_batch(self, tasks: Sequence[Task], task_ids: Sequence[str | None] | None = None,
                       log: bool = True, source: str = "agent", meta: dict | None = None, learn: bool = False,
-                      references: Sequence[str | None] | None = None, **sampling: Any) -> list[Reply]:
+                      references: Sequence[str | None] | None = None,
+                      continuing: Sequence["Continued | None"] | None = None, **sampling: Any) -> list[Reply]:
         """Answer tasks in one batched sampling call: retrieve, sample K each, score, rank, guard, log.
 
         `sampling` overrides SamplingConfig fields for this call (k, temperature, max_new_tokens, seed...).
         `learn`: in training-free mode, also learn lessons from the scored groups (after logging them).
         `references`: per task, the answer span of a task made from the corpus (the answer_match signal), or None.
+        `continuing`: per task, the episode its chat continues (Continued: what this agent sampled for the chat's
+        earlier turns), or None. A continued task is sampled from that episode's token ids and the new turns,
+        and its group's completions are the whole episodes (episodes.py's layout), the earlier turns included.
         """
         if not tasks:
             return []
@@ -185,7 +232,7 @@ class GRPOAgent:
         split = [split_task(t) for t in tasks]
         with self._lock:
             self._check_promoted()
-            batch = self._answer(split, references, **sampling)
+            batch = self._answer(split, references, continuing, **sampling)
         entries = self.group_logs([q for q, _ in split], batch, task_ids, references, meta)
         replies = []
         for g, p, s, d, entry in zip(batch.groups, batch.passages, batch.scored, batch.decisions, entries):
@@ -228,14 +275,26 @@ class GRPOAgent:
         return out
 
     def _answer(self, split: list[tuple[str, list[dict]]], references: Sequence[str | None] | None = None,
-                **sampling: Any) -> "Answered":
+                continuing: Sequence["Continued | None"] | None = None, **sampling: Any) -> "Answered":
         params = {**self._sampling_params(), **sampling}
         k = params.pop("k")
         if k > 1 and self.scorer is None:
             raise AgentError(f"k = {k} needs a scorer to pick the best answer: build the agent with one, or use k=1")
         passages = self.retrieve([q for q, _ in split])
         chats = [self.messages(q, h, p) for (q, h), p in zip(split, passages)]
-        prompts = self.encode_prompts(chats, params["max_new_tokens"], params.get("tools"))
+        continuing = list(continuing) if continuing is not None else [None] * len(split)
+        fresh = [i for i, c in enumerate(continuing) if c is None]
+        prompts: list = [None] * len(split)
+        try:
+            for i, ids in zip(fresh, self.encode_prompts([chats[i] for i in fresh], params["max_new_tokens"],
+                                                         params.get("tools"))):
+                prompts[i] = ids
+        except ContextLengthError as e:
+            e.index = fresh[e.index]
+            raise
+        for i, c in enumerate(continuing):
+            if c is not None:
+                prompts[i] = c.prompt_ids(self.policy, params["max_new_tokens"], self.engine.context_length, i)
         groups = self.engine.sample(chats, k=k, prompt_ids=prompts, **params)
         references = list(references) if references is not None else [None] * len(split)
         contexts = [ScoreContext(q, p, ref) for (q, _), p, ref in zip(split, passages, references)]
@@ -253,6 +312,9 @@ class GRPOAgent:
             for s, d in zip(scored, decisions):
                 if d is not None:
                     s.ranking = d.serving_order(s.ranking)
+        for g, c in zip(groups, continuing):
+            if c is not None:
+                c.extend(g)
         return Answered(groups, passages, contexts, scored, decisions)
 
     # ----- multi-turn episodes ------------------------------------------------------------------------

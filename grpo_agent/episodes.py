@@ -216,3 +216,14 @@ def fed_back(tokenizer, chat: Sequence[dict], new: Sequence[dict], last_token: i
         said = tokenizer.decode([last_token])
         tail = tail[len(said):] if tail.startswith(said) else tail
     return tokenizer.encode(tail, add_special_tokens=False)
+
+
+def tokens_covering(tokenizer, ids: Sequence[int], text: str) -> list[int]:
+    """The shortest prefix of `ids` whose decoded text holds `text` (an answer cut at a stop sequence): what a
+    conversation continues from, the tokens sampled after the cut never fed back."""
+    want = len(text.strip())
+    for n in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:n], skip_special_tokens=True).strip()) >= want:
+            return list(ids[:n])
+    return list(ids)
+

@@ -22,6 +22,11 @@ Ctrl-C, queued requests get a 503 at once, the batch in hand has `shutdown_grace
 requests get a 503 too) and the process exits; each group is logged in one SQLite transaction, so a batch
 cut short leaves no partial group in the store.
 
+A multi-turn chat is one episode (episodes.py's layout): the server remembers, for the last
+`remembered_answers` answers it sent, the token ids that produced them; a request whose chat continues one
+(the same turns up to that answer, then tool results or a user's reply) is sampled from those token ids and
+the new turns, never from the earlier answers re-tokenised, and its group's completions are whole episodes.
+
 One module of about 460 lines: the request schema, the batching worker and the routes share the limits
 and error shapes of ServerConfig and APIError, and read best together.
 """
@@ -29,7 +34,9 @@ and error shapes of ServerConfig and APIError, and read best together.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hashlib
 import json
 import queue
 import secrets
@@ -44,7 +51,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .agent import GRPOAgent, split_task
+from .agent import Continued, GRPOAgent, split_task
+from .episodes import tokens_covering
 from .errors import ContextLengthError, EngineError, GRPOAgentError, UnknownGroupError
 from .toolcalls import cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
 
@@ -65,6 +73,7 @@ class ServerConfig:
     max_batch: int = 16  # requests answered by one sampling call
     stream_chunk_chars: int = 16  # characters per streamed delta
     shutdown_grace_s: float = 3.0  # on SIGTERM: how long the batch in hand may run before its requests get 503
+    remembered_answers: int = 4096  # answers whose token ids are kept, so a chat continuing one is one episode
 
 
 # ----- request schema ---------------------------------------------------------------------------------------
@@ -143,10 +152,42 @@ def to_chat(messages: list[Message]) -> list[dict]:
 
 
 # ----- the batching worker ----------------------------------------------------------------------------------
+class Episodes:
+    """The token ids behind the answers sent lately, keyed by the chat up to and including each answer (as a client
+    sends it back): what a continuing chat is sampled from (bounded: the oldest are forgotten first)."""
+
+    def __init__(self, size: int):
+        self.size, self._items, self._lock = size, collections.OrderedDict(), threading.Lock()
+
+    @staticmethod
+    def key(chat: list[dict]) -> str:
+        return hashlib.sha1(json.dumps(chat, sort_keys=True).encode()).hexdigest()
+
+    def remember(self, chat: list[dict], record: dict) -> None:
+        with self._lock:
+            self._items[self.key(chat)] = record
+            self._items.move_to_end(self.key(chat))
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def continued(self, chat: list[dict]) -> Continued | None:
+        """The episode `chat` continues (its last answer is one this server sent, new turns after it), or None."""
+        last = max((i for i, m in enumerate(chat) if m["role"] == "assistant"), default=None)
+        if last is None or last == len(chat) - 1:
+            return None
+        with self._lock:
+            record = self._items.get(self.key(chat[: last + 1]))
+        if record is None:
+            return None
+        return Continued(record["prompt"], record["tokens"], record["logprobs"], record["mask"], record["turns"],
+                         before=chat[:last], new=chat[last + 1 :])
+
+
 @dataclass
 class _Job:
     chat: list[dict]
     params: dict  # sampling overrides: k, temperature, top_p, max_new_tokens, seed
+    continued: Continued | None = None  # the episode the chat continues
     future: Future = field(default_factory=Future)  # the Reply, or the error the request is answered with
 
     def finish(self, reply: Any = None, error: BaseException | None = None) -> None:
@@ -241,7 +282,8 @@ class Batcher:
         """Answer jobs with the same settings in one respond_batch call; one too long for the context fails alone."""
         while jobs:
             try:
-                replies = self.agent.respond_batch([j.chat for j in jobs], source="server", **jobs[0].params)
+                replies = self.agent.respond_batch([j.chat for j in jobs], source="server",
+                                                   continuing=[j.continued for j in jobs], **jobs[0].params)
             except ContextLengthError as e:  # raised before any sampling: retry without that job
                 jobs[e.index].finish(error=e)
                 jobs = jobs[: e.index] + jobs[e.index + 1 :]
@@ -262,6 +304,7 @@ def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
     if agent.k > 1 and agent.store is None:
         raise GRPOAgentError("the server logs every group: give the agent a store")
     batcher = Batcher(agent, cfg.batch_wait_ms, cfg.max_batch)
+    episodes = Episodes(cfg.remembered_answers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -269,7 +312,7 @@ def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
         batcher.close(cfg.shutdown_grace_s)  # answer or release every waiting request, then stop
 
     app = FastAPI(title="grpo-agent", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.episodes = batcher, episodes
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -338,10 +381,12 @@ def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
         req = await read_json(request, ChatRequest)
         chat, params = _check(req, agent, cfg)
         max_new_tokens = params.get("max_new_tokens", agent.sampling.max_new_tokens)
+        continued = episodes.continued(chat)
         try:
             # Tokenised in a thread (not on the event loop, not on the model worker), before any model work.
-            await asyncio.to_thread(_check_context, agent, chat, max_new_tokens, params.get("tools"))
-            reply = await asyncio.wrap_future(batcher.submit(_Job(chat, params)).future)
+            if continued is None:
+                await asyncio.to_thread(_check_context, agent, chat, max_new_tokens, params.get("tools"))
+            reply = await asyncio.wrap_future(batcher.submit(_Job(chat, params, continued)).future)
         except ContextLengthError as e:  # too long as sent, or once the facts were added
             raise _too_long(e, max_new_tokens) from e
         except EngineError as e:  # the inference server behind us failed: not the client's fault
@@ -349,6 +394,7 @@ def create_app(agent: GRPOAgent, cfg: ServerConfig | None = None):
         except GRPOAgentError as e:
             raise APIError(400, str(e)) from e
         body = _response(req, reply, cfg)
+        _remember(episodes, agent, chat, req, reply, body)
         if not req.stream:
             return body
         return StreamingResponse(_stream(body, cfg.stream_chunk_chars), media_type="text/event-stream")
@@ -434,6 +480,23 @@ def _response(req: ChatRequest, reply, cfg: ServerConfig) -> dict:
                  "guard": reply.guard.to_meta() if reply.guard is not None else None,
                  "alignment": (reply.explanations.get("alignment") or [None] * (reply.best + 1))[reply.best]},
     }
+
+
+def _remember(episodes: Episodes, agent: GRPOAgent, chat: list[dict], req: ChatRequest, reply, body: dict) -> None:
+    """Keep the token ids behind each answer sent, under the chat a client continuing from it sends back (an
+    answer cut at a stop sequence keeps the tokens up to it only)."""
+    order = sorted(range(len(reply.candidates)), key=lambda i: (i != reply.best, -(reply.candidates[i].composite or 0.0)))
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    for choice, i in zip(body["choices"], order):
+        c = reply.candidates[i]
+        mask = c.mask or [1] * len(c.token_ids)
+        start = len(mask) - next((n for n, m in enumerate(reversed(mask)) if not m), len(mask))  # its last turn
+        text, cut = cut_at_stop(c.text, stops)
+        kept = start + len(tokens_covering(agent.policy.tokenizer, c.token_ids[start:], text)) if cut else len(mask)
+        sent = to_chat([Message(**choice["message"])])[0]  # the answer as a client sends it back
+        turns = (c.turns or [{"role": "assistant", "content": c.text}])[:-1] + [sent]
+        episodes.remember(chat + [sent], {"prompt": list(reply.prompt_token_ids), "tokens": c.token_ids[:kept],
+                                          "logprobs": c.logprobs[:kept], "mask": mask[:kept], "turns": turns})
 
 
 def _stream(body: dict, size: int):

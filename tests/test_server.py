@@ -309,3 +309,31 @@ def test_a_harmful_request_gets_the_guards_safe_completion_and_says_so(server, e
     logged = agent.store.get_group(harmful["grpo"]["group_id"])
     assert logged.completions[-1].text == harmful["choices"][0]["message"]["content"]
     assert benign["grpo"]["guard"]["request_harmful"] is False and not benign["grpo"]["guard"]["served_safe_completion"]
+
+
+def test_a_chat_that_continues_a_served_answer_is_sampled_and_logged_as_one_episode(server):
+    url, agent, _ = server
+    first = [{"role": "user", "content": "Which big cat lives in Gujarat?"}]
+    one = post(url, "/v1/chat/completions", {"messages": first, "grpo": {"k": 2}}).json()
+    answer = one["choices"][0]["message"]
+    (g1,) = agent.store.groups(ids=[one["grpo"]["group_id"]])
+    served = g1.completions[g1.served()]
+    follow = first + [answer, {"role": "tool", "tool_call_id": "c1", "name": "lookup",
+                               "content": "Asiatic lions live in Gir National Park."},
+                      {"role": "user", "content": "And how many are there?"}]
+    two = post(url, "/v1/chat/completions", {"messages": follow, "grpo": {"k": 2}}).json()
+    (g2,) = agent.store.groups(ids=[two["grpo"]["group_id"]])
+    assert g2.prompt_token_ids == g1.prompt_token_ids  # the first turn's prompt, not the chat re-rendered
+    tok = agent.policy.tokenizer
+    for c in g2.completions:
+        assert c.token_ids[: len(served.token_ids)] == served.token_ids  # the served answer's ids, as sampled
+        n = len(served.token_ids)
+        fed = [t for t, m in zip(c.token_ids[n:], c.mask[n:]) if not m]
+        assert "Gir National Park" in tok.decode(fed) and "how many" in tok.decode(fed)  # fed back, masked
+        assert c.mask[:n] == [1] * n and c.mask[-1] == 1
+        assert [t["role"] for t in c.turns] == ["assistant", "tool", "user", "assistant"]
+    unrelated = post(url, "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "never sent by this server"},
+        {"role": "user", "content": "Why are pangolins trafficked?"}], "grpo": {"k": 2}}).json()
+    (g3,) = agent.store.groups(ids=[unrelated["grpo"]["group_id"]])
+    assert all(c.mask is None for c in g3.completions)  # not a continuation: answered as before

@@ -25,7 +25,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
-from ..episodes import fed_back
+from ..episodes import fed_back, tokens_covering
 from ..records import Completion, Group, Passage
 from ..retrieval import FactIndex
 from ..toolcalls import cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
@@ -158,7 +158,7 @@ class EpisodeChatModel(BaseChatModel):
                                      top_p=s.top_p, seed=seed, prompt_ids=[self.prompt + self.tokens])
         c = group.completions[0]
         text, cut = cut_at_stop(c.text, stop or [])
-        ids, logprobs = (_covering(policy.tokenizer, c.token_ids, text), c.logprobs) if cut else (c.token_ids, c.logprobs)
+        ids, logprobs = (tokens_covering(policy.tokenizer, c.token_ids, text), c.logprobs) if cut else (c.token_ids, c.logprobs)
         self.tokens, self.logprobs, self.mask = self.tokens + ids, self.logprobs + logprobs[: len(ids)], \
             self.mask + [1] * len(ids)  # (a turn cut at a stop sequence keeps only the tokens up to it)
         final = calls == self.max_turns - 1  # the last allowed call: its answer ends the run
@@ -213,15 +213,6 @@ def collect_episodes(agent, question: str, run, k: int | None = None, seed: int 
         agent.store.log_group(group, prompt=question, passage_ids=[p.id for m in models for p in m.passages],
                               config_hash=agent.config_hash, source=source)
     return group
-
-
-def _covering(tokenizer, ids: Sequence[int], text: str) -> list[int]:
-    """The shortest prefix of `ids` whose decoded text holds `text` (the answer cut at a stop sequence)."""
-    want = text.strip()
-    for n in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:n], skip_special_tokens=True).strip()) >= len(want):
-            return list(ids[:n]) or list(ids[:1])
-    return list(ids)
 
 
 class GRPORunRecorder(BaseCallbackHandler):

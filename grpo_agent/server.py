@@ -447,9 +447,14 @@ def _too_long(e: ContextLengthError, max_new_tokens: int) -> APIError:
                     param="messages", code="context_length_exceeded")
 
 
+def _served_order(reply) -> list[int]:
+    """The candidates in the order the choices list them: the served one, then by composite."""
+    return sorted(range(len(reply.candidates)), key=lambda i: (i != reply.best, -(reply.candidates[i].composite or 0.0)))
+
+
 def _response(req: ChatRequest, reply, cfg: ServerConfig) -> dict:
     """The chat.completion object: the n best answers, best first, with the group in "grpo"."""
-    order = sorted(range(len(reply.candidates)), key=lambda i: (i != reply.best, -(reply.candidates[i].composite or 0.0)))
+    order = _served_order(reply)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     tools = [t["function"]["name"] for t in (req.tools or []) if "function" in t]
     choices = []
@@ -485,7 +490,7 @@ def _response(req: ChatRequest, reply, cfg: ServerConfig) -> dict:
 def _remember(episodes: Episodes, agent: GRPOAgent, chat: list[dict], req: ChatRequest, reply, body: dict) -> None:
     """Keep the token ids behind each answer sent, under the chat a client continuing from it sends back (an
     answer cut at a stop sequence keeps the tokens up to it only)."""
-    order = sorted(range(len(reply.candidates)), key=lambda i: (i != reply.best, -(reply.candidates[i].composite or 0.0)))
+    order = _served_order(reply)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     for choice, i in zip(body["choices"], order):
         c = reply.candidates[i]

@@ -23,6 +23,7 @@ from .prompts import SYSTEM, answer_messages
 from .records import Completion, Group, Passage
 from .rundir import RunDir
 from .scoring import GroupScores, ScoreContext, SelfScorer
+from .toolcalls import as_shown
 
 Task = str | Sequence[dict]  # a question, or a chat (the last user message is the question)
 
@@ -54,9 +55,8 @@ class Continued:
     fed: list[int] = field(default_factory=list)  # the new turns' token ids, once prompt_ids has rendered them
 
     def _fed(self, policy) -> list[int]:
-        shown = lambda ms: [{"role": "user" if m["role"] == "tool" else m["role"], "content": m["content"]}  # noqa: E731
-                            for m in ms]  # as the agent shows the model a tool's result
-        return fed_back(policy.tokenizer, shown(self.before), shown(self.new), self.tokens[-1], policy.stop_token_ids)
+        return fed_back(policy.tokenizer, as_shown(self.before), as_shown(self.new), self.tokens[-1],
+                        policy.stop_token_ids)
 
     def prompt_ids(self, policy, max_new_tokens: int, limit: int | None, index: int = 0) -> list[int]:
         """What the next turn is sampled from: the episode so far and the new turns, fed back as the chat
@@ -413,8 +413,7 @@ class GRPOAgent:
         found = self.experience.relevant(question) if lessons and self.experience is not None else []
         system = "\n\n".join([self.system] + [m["content"] for m in history if m.get("role") == "system"])
         chat = answer_messages(question, passages, found, system=system)
-        turns = [{"role": "user", "content": m["content"]} if m.get("role") == "tool" else dict(m)  # few chat
-                 for m in history if m.get("role") != "system"]  # templates know a tool role
+        turns = as_shown([m for m in history if m.get("role") != "system"])
         return chat[:1] + turns + chat[1:]
 
     def _sampling_params(self) -> dict[str, Any]:

@@ -164,9 +164,10 @@ class Episodes:
         return hashlib.sha1(json.dumps(chat, sort_keys=True).encode()).hexdigest()
 
     def remember(self, chat: list[dict], record: dict) -> None:
+        key = self.key(chat)
         with self._lock:
-            self._items[self.key(chat)] = record
-            self._items.move_to_end(self.key(chat))
+            self._items[key] = record
+            self._items.move_to_end(key)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
 

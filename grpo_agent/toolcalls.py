@@ -35,6 +35,12 @@ def tool_result_turn(name: str | None, content: str) -> dict:
     return {"role": "tool", "content": f"Result of tool {name}: {content}"}
 
 
+def as_shown(turns: Sequence[dict]) -> list[dict]:
+    """Turns as the agent shows them to the model: a tool's result as a user turn (few chat templates know a tool
+    role)."""
+    return [{"role": "user", "content": m["content"]} if m.get("role") == "tool" else dict(m) for m in turns]
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the first occurrence of any (non-empty) stop sequence, and whether it was cut there."""
     cuts = [text.find(s) for s in stops if s and s in text]

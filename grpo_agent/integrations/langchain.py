@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field
 from ..episodes import fed_back, tokens_covering
 from ..records import Completion, Group, Passage
 from ..retrieval import FactIndex
-from ..toolcalls import cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
+from ..toolcalls import as_shown, cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
@@ -124,8 +124,7 @@ class EpisodeChatModel(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         policy = self.agent.policy
         tools = kwargs.get("tools") or []
-        chat = [{"role": "user" if m["role"] == "tool" else m["role"], "content": m["content"]}  # as the agent shows it
-                for m in ([tool_system_turn(tools)] if tools else []) + to_chat(messages)]
+        chat = as_shown(([tool_system_turn(tools)] if tools else []) + to_chat(messages))
         calls = sum(t["role"] == "assistant" for t in self.turns)
         if calls >= self.max_turns:
             raise ValueError(f"the agent called the model again after its final answer (max_turns = {self.max_turns}); "

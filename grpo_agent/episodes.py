@@ -9,7 +9,9 @@ sampling and training breaks policy-gradient training).
 The action format suits small models: each of the policy's turns opens with one of two words, chosen by the
 model's own probabilities over just those two (their log-probs are the full softmax's, as top-p's are):
 "Search" (the rest of the line is the query, sent to the search tool) or "Answer" (the rest of the turn is the
-final answer). The last allowed turn is made to answer: its opening word is fed (mask 0), not sampled.
+final answer). The last allowed turn is made to answer: its opening word is fed (mask 0), not sampled. A search's
+result comes back as the facts block of the agent's own prompt with the question restated after it, so the answer
+that follows reads what a single answer reads.
 
     runner = EpisodeRunner(policy, SearchTool(index))
     groups, retrieved = runner.run(["Why are snow leopards endangered?"], k=4, seed=0)
@@ -23,17 +25,19 @@ from typing import Sequence
 import torch
 
 from .errors import ContextLengthError
+from .prompts import SYSTEM, facts_block
 from .records import Completion, Group, Passage
-from .toolcalls import tool_result_turn
 
 SEARCH, ANSWER = "Search", "Answer"
-EPISODE_SYSTEM = ("Answer the user's question about the notes. You may search the notes first. Reply with "
-                  "'Search:' and a short query to look something up, or with 'Answer:' and your answer.")
+EPISODE_SYSTEM = ("You may search the notes before you answer. Reply with 'Search:' and a short query to look "
+                  "something up, or with 'Answer:' and your answer.")  # follows the agent's own system prompt
 _MARK = "\u2063TURN\u2063"  # stands for a turn's content when the chat template renders what follows it
 
 
 class SearchTool:
-    """search(query): the top_k passages of a fact index for a query, as the text the policy reads back."""
+    """search(query): the top_k passages of a fact index for a query, as the text the policy reads back: the facts
+    block the agent's prompt holds (prompts.facts_block), so an answer after a search reads what a single answer
+    reads."""
 
     name = "search"
 
@@ -41,7 +45,7 @@ class SearchTool:
         self.index, self.top_k = index, top_k
 
     def max_result_tokens(self, tokenizer) -> int:
-        """The most tokens one result can take: the top_k longest passages, numbered, and the turn's markup."""
+        """The most tokens one result can take: the top_k longest passages, their markup and the turn's."""
         if not hasattr(self, "_longest"):
             lengths = sorted((len(tokenizer.encode(p.text, add_special_tokens=False)) for p in self.index.passages()),
                              reverse=True)
@@ -50,7 +54,7 @@ class SearchTool:
 
     def __call__(self, queries: Sequence[str]) -> list[tuple[str, list[Passage]]]:
         hits = self.index.search_batch(list(queries), k=self.top_k)
-        return [("\n".join(f"[{i + 1}] {h.passage.text}" for i, h in enumerate(found)) or "no results",
+        return [(facts_block([h.passage for h in found]) if found else "No facts found for that query.",
                  [h.passage for h in found]) for found in hits]
 
 
@@ -86,7 +90,7 @@ class EpisodeRunner:
 
     def __init__(self, policy, tool: SearchTool, max_turns: int = 3, max_new_tokens: int = 48,
                  query_tokens: int = 24, temperature: float = 1.0, top_p: float = 1.0,
-                 system: str = EPISODE_SYSTEM):
+                 system: str = SYSTEM):
         if max_turns < 1:
             raise ValueError(f"max_turns = {max_turns}: an episode needs at least one turn (its answer)")
         self.policy, self.tool, self.max_turns = policy, tool, max_turns
@@ -102,20 +106,23 @@ class EpisodeRunner:
         self.query_stops = sorted(set(newline) | set(policy.stop_token_ids))
 
     def budget(self) -> int:
-        """Tokens an episode may take past its prompt, at most (every turn a search, then the answer)."""
+        """Tokens an episode may take past its prompt, at most (every turn a search, then the answer); a search's
+        result restates the question, counted apart (check_fits)."""
         per_search = 1 + self.query_tokens + self.tool.max_result_tokens(self.policy.tokenizer)
         return (self.max_turns - 1) * per_search + 1 + self.max_new_tokens
 
     def chat(self, question: str) -> list[dict]:
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
+        return [{"role": "system", "content": f"{self.system} {EPISODE_SYSTEM}"}, {"role": "user", "content": question}]
 
     def check_fits(self, questions: Sequence[str]) -> None:
         """ContextLengthError for the first question whose episode could run past the model's context."""
         limit = self.policy.context_length
         for i, q in enumerate(questions):
             n = len(self.policy.encode_chat(self.chat(q)))
-            if limit is not None and n + self.budget() > limit:
-                raise ContextLengthError(f"an episode for question {i} may take {n} + {self.budget()} tokens, past "
+            need = self.budget() + (self.max_turns - 1) * len(self.policy.tokenizer.encode(
+                _restated(q), add_special_tokens=False))
+            if limit is not None and n + need > limit:
+                raise ContextLengthError(f"an episode for question {i} may take {n} + {need} tokens, past "
                                          f"the model's {limit}; lower episodes.max_turns or max_new_tokens",
                                          index=i, prompt_tokens=n, limit=limit)
 
@@ -197,12 +204,17 @@ class EpisodeRunner:
             else:
                 text = "error: the query is empty; write the words to search for after 'Search:'"
                 e.turns.append({"role": "tool", "name": self.tool.name, "content": text, "error": True})
-            result = {"role": "user", "content": tool_result_turn(self.tool.name, text)["content"]}
+            result = {"role": "user", "content": f"{text}\n\n{_restated(e.question)}"}
             e.add(self._fed_back(e, result), None)
             e.chat.append(result)
 
     def _fed_back(self, e: _Episode, result: dict) -> list[int]:
         return fed_back(self.policy.tokenizer, e.chat[:-1], [result], e.tokens[-1], self.policy.stop_token_ids)
+
+
+def _restated(question: str) -> str:
+    """The question, after each search result: what the agent's prompt holds after its facts (answer_messages)."""
+    return f"Question: {question}"
 
 
 def fed_back(tokenizer, chat: Sequence[dict], new: Sequence[dict], last_token: int, stop_ids: Sequence[int]) -> list[int]:

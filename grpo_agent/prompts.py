@@ -13,12 +13,17 @@ SYSTEM = (
 )
 
 
+def facts_block(passages: Sequence[Passage]) -> str:
+    """The facts as the policy reads them: a "Facts:" heading and one passage a line."""
+    return "Facts:\n" + "\n".join(f"- {p.text}" for p in passages)
+
+
 def answer_messages(question: str, passages: Sequence[Passage] = (), lessons: Sequence[str] = (),
                     system: str = SYSTEM) -> list[dict]:
     """System prompt, then a user turn holding the facts, any lessons, and the question."""
     parts = []
     if passages:
-        parts.append("Facts:\n" + "\n".join(f"- {p.text}" for p in passages))
+        parts.append(facts_block(passages))
     if lessons:
         parts.append("Lessons from earlier answers:\n" + "\n".join(f"- {lesson}" for lesson in lessons))
     parts.append(f"Question: {question}")

@@ -119,7 +119,7 @@ def test_episodes_are_scored_with_the_facts_each_retrieved(embedder):
 
 def test_the_loop_trains_on_episode_groups_and_reports_their_tool_use(policy, embedder, tmp_path):
     agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite", k=3, max_new_tokens=8)
-    agent.episodes = EpisodeConfig(max_turns=2, search_top_k=2, query_tokens=6)  # [episodes]
+    agent.episodes = EpisodeConfig(max_turns=2, search_top_k=1, query_tokens=6)  # [episodes]; fits the 512 context
     loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UpdateConfig(learning_rate=5e-3, lora_r=4),
                                LoopConfig(tasks_per_round=4, eval_k=2, margin=1.0, unit="episode"), batch=2,
                                progress=False)

@@ -145,6 +145,8 @@ class UpdateConfig:
     num_iterations: int = 1  # passes over the same groups; later passes use the importance ratio
     groups_per_step: int = 1  # groups whose completions make one optimizer step (1: a step per group, on-policy)
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward; larger steps accumulate gradients
+    share_prefix: bool = True  # run a prompt once for all its completions in a micro-batch (same gradients)
+    logit_chunk_tokens: int = 1024  # completion tokens whose logits are made at once (0: all; same values)
     learning_rate: float = 1e-4  # with LoRA r 16 and a step per group: +15.7 points held out (tools/bench_quality.py)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
@@ -168,6 +170,9 @@ class UpdateConfig:
                 raise ConfigError(f"update.{key} = {value!r}: must be a number >= 0")
         if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
             raise ConfigError(f"update.learning_rate = {self.learning_rate!r}: must be > 0 (1e-4 is typical for LoRA)")
+        if not isinstance(self.logit_chunk_tokens, int) or self.logit_chunk_tokens < 0:
+            raise ConfigError(f"update.logit_chunk_tokens = {self.logit_chunk_tokens!r}: an integer >= 0 (0: the "
+                              "whole micro-batch's logits at once)")
         for key in ("num_iterations", "groups_per_step", "micro_batch_tokens", "lora_r", "lora_alpha"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:

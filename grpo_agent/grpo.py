@@ -23,6 +23,9 @@ import torch
 from .config import IMPORTANCE_LEVELS, LOSS_TYPES
 
 
+LOGIT_CHUNK = 1024  # completion tokens whose logits exist at once (forward and backward); 0: all of them
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -30,23 +33,123 @@ def completion_logprobs(
     n_completion: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk: int = LOGIT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p of the last `n_completion` tokens of each row given what precedes them, at `temperature`.
 
     input_ids, attention_mask: (B, L) = prompt (left-padded) + completion (right-padded). Returns (B, T) log-probs
     of logits / temperature (T = n_completion; 0 means greedy sampling, whose log-probs are at temperature 1)
-    and, optionally, the (B, T) entropy of each next-token distribution.
+    and, optionally, the (B, T) entropy of each next-token distribution. The logits are made `chunk` tokens at a
+    time from the final hidden states (token_logprobs), never all B x T x V at once.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only, as when sampling
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=n_completion + 1)
-    logits = out.logits[:, :-1].float()  # (B, T, V): position t predicts completion token t
+    hidden = _final_hidden(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    if hidden is None:  # a model whose logits are not its output head of the hidden states: the whole logits
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     logits_to_keep=n_completion + 1)
+        return _logprobs(out.logits[:, :-1], input_ids[:, -n_completion:], temperature, with_entropy)
+    return token_logprobs(output_head(model), hidden[:, -n_completion - 1 : -1], input_ids[:, -n_completion:],
+                          temperature, with_entropy, chunk)
+
+
+def shared_prefix_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    owner: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk: int = LOGIT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """completion_logprobs for completions that share prompts, each prompt run once (Prefix Grouper, arXiv
+    2506.05433): the G prompts' keys and values, with their gradients, feed all B completions.
+
+    prompt_ids, prompt_mask: (G, Lp) left-padded; owner: (B,) the prompt of each completion; completion_ids,
+    completion_mask: (B, T) right-padded. The same values and gradients as completion_logprobs over the B rows
+    of prompt + completion (the completions attend to their prompt's cached keys exactly as to its tokens).
+    None for a model whose logits are not its output head of the final hidden states (use completion_logprobs).
+    """
+    from transformers import DynamicCache
+
+    inner = getattr(model, "module", model)  # under DDP its forward runs once (the prompts); one backward for both
+    cache = DynamicCache(config=inner.config)
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = _final_hidden(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                          cache=cache, use_cache=True)
+    if first is None:
+        return None
+    for layer in cache.layers:  # each completion's copy of its prompt's keys and values (gradients flow back)
+        layer.keys, layer.values = layer.keys.index_select(0, owner), layer.values.index_select(0, owner)
+    hidden = first[:, -1:].index_select(0, owner)  # (B, 1, H): predicts each completion's first token
+    if completion_ids.shape[1] > 1:  # the last completion token predicts nothing: it is not run
+        start = prompt_mask.sum(-1).index_select(0, owner).unsqueeze(-1)  # (B, 1) each prompt's length
+        steps = torch.arange(completion_ids.shape[1] - 1, device=owner.device)
+        rest = _final_hidden(inner, input_ids=completion_ids[:, :-1], position_ids=start + steps, cache=cache,
+                             attention_mask=torch.cat([prompt_mask.index_select(0, owner),
+                                                       completion_mask[:, :-1].to(prompt_mask.dtype)], 1))
+        if rest is None:
+            return None
+        hidden = torch.cat([hidden, rest], 1)
+    return token_logprobs(output_head(model), hidden, completion_ids, temperature, with_entropy, chunk)
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that turns final hidden states into logits (a LoRA-wrapped one when LoRA trains it)."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
+def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor | None:
+    """The final hidden states (B, L, H) of a forward pass that makes the logits of its last position only; None
+    when the output head of those hidden states is not the model's logits (logit soft-capping or scaling)."""
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    with torch.no_grad():  # the check: the head of the last hidden state gives the logits the model gave
+        mine = output_head(model)(hidden[:1, -1]).float()
+        if not torch.allclose(mine, out.logits[:1, -1].float(), rtol=1e-3, atol=1e-3):
+            return None
+    return hidden
+
+
+def token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False, chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(targets) (B, T) from the hidden states that predict them (B, T, H), the logits `chunk` tokens at a
+    time: with gradients on, each chunk's logits are remade in the backward pass instead of kept, so memory holds
+    one chunk's B x V-sized logits, not B x T x V. The same values and gradients as the whole logits at once."""
+    B, T, H = hidden.shape
+    flat_h, flat_y = hidden.reshape(B * T, H), targets.reshape(B * T)
+    size = chunk if chunk > 0 else B * T
+    logps, entropies = [], []
+    for i in range(0, B * T, size):
+        h, y = flat_h[i : i + size], flat_y[i : i + size]
+        if torch.is_grad_enabled() and h.requires_grad and size < B * T:
+            logp, entropy = torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, y, temperature,
+                                                              with_entropy, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(head, h, y, temperature, with_entropy)
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = torch.cat(logps).view(B, T)
+    return logp, torch.cat(entropies).view(B, T) if with_entropy else None
+
+
+def _chunk_logprobs(head, h, y, temperature, with_entropy):
+    logp, entropy = _logprobs(head(h), y, temperature, with_entropy)
+    return logp, entropy if with_entropy else torch.zeros_like(logp)
+
+
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """log_softmax(logits / temperature) at the targets, and the distribution's entropy (no gradient)."""
+    logits = logits.float()
     if temperature and temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    targets = input_ids[:, -n_completion:]  # (B, T)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 

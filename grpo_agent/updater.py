@@ -1,7 +1,10 @@
 """The GRPO updater: fine-tune the policy from its own scored groups (LoRA by default, or full weights).
 
 A step takes `groups_per_step` groups, packs their completions into micro-batches under a padded-token budget,
-accumulates gradients over them, clips and applies AdamW. The loss is grpo.grpo_loss, normalised over the
+accumulates gradients over them, clips and applies AdamW. Within a micro-batch each distinct prompt runs once and
+its keys and values feed all its completions (`share_prefix`, grpo.shared_prefix_logprobs), and the logits are
+made `logit_chunk_tokens` at a time: the same loss and gradients as K full rows with whole logits, in less time
+and memory (tools/bench_update.py). The loss is grpo.grpo_loss, normalised over the
 whole step, so micro-batching (and running under torchrun on several processes) does not change the update.
 Old log-probs are the sampler's own (no extra forward pass); with num_iterations > 1 later passes over the
 same groups see an importance ratio away from 1. Groups whose scores did not vary are skipped. A step whose
@@ -28,8 +31,9 @@ import torch
 
 from .config import UpdateConfig
 from .errors import UpdateError
-from .grpo import completion_logprobs, grpo_loss
+from .grpo import completion_logprobs, grpo_loss, shared_prefix_logprobs
 from .records import Group
+from .rollout.decoding import shares_prefix
 from .rundir import RunDir, append_jsonl, replacing
 
 
@@ -72,14 +76,17 @@ def trainable_rows(groups: Iterable[Group]) -> tuple[list[list[Row]], list[str]]
     return usable, skipped
 
 
-def pack(rows: Sequence[Row], budget: int) -> list[list[Row]]:
-    """Consecutive micro-batches whose padded size (rows x longest prompt + longest completion) fits `budget`;
-    a row larger than the budget gets a micro-batch of its own."""
+def pack(rows: Sequence[Row], budget: int, shared: bool = False) -> list[list[Row]]:
+    """Consecutive micro-batches whose padded size fits `budget`: rows x (longest prompt + longest completion),
+    or, `shared`, distinct prompts x longest prompt + rows x longest completion. A row larger than the budget gets
+    a micro-batch of its own."""
     batches: list[list[Row]] = []
     current: list[Row] = []
     for row in rows:
         trial = current + [row]
-        size = len(trial) * (max(len(r.prompt) for r in trial) + max(len(r.completion) for r in trial))
+        longest = max(len(r.prompt) for r in trial)
+        prompts = len({tuple(r.prompt) for r in trial}) if shared else len(trial)
+        size = prompts * longest + len(trial) * max(len(r.completion) for r in trial)
         if current and size > budget:
             batches.append(current)
             trial = [row]
@@ -89,23 +96,38 @@ def pack(rows: Sequence[Row], budget: int) -> list[list[Row]]:
     return batches
 
 
-def collate(rows: Sequence[Row], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Prompts left-padded and completions right-padded, side by side: (B, Lp + T)."""
+def collate(rows: Sequence[Row], pad_id: int, device: torch.device, shared: bool = False) -> dict[str, torch.Tensor]:
+    """Prompts left-padded and completions right-padded, side by side: input_ids (B, Lp + T). `shared`: each
+    distinct prompt once, prompt_ids (G, Lp), the prompt of each row (owner, B) and completion_ids (B, T)."""
     lp, t = max(len(r.prompt) for r in rows), max(len(r.completion) for r in rows)
-    ids = torch.full((len(rows), lp + t), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
     old = torch.zeros((len(rows), t))
     trained = torch.zeros((len(rows), t))  # the completion tokens the loss sees: an episode's sampled ones only
     for i, r in enumerate(rows):
-        ids[i, lp - len(r.prompt) : lp + len(r.completion)] = torch.tensor(r.prompt + r.completion)
-        attn[i, lp - len(r.prompt) : lp + len(r.completion)] = 1
         old[i, : len(r.completion)] = torch.tensor(r.old_logp)
         trained[i, : len(r.completion)] = 1.0 if r.mask is None else torch.tensor(r.mask, dtype=torch.float32)
-    return {
-        "input_ids": ids.to(device), "attention_mask": attn.to(device), "old_logp": old.to(device),
-        "mask": trained.to(device),
-        "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
-    }
+    batch = {"old_logp": old, "mask": trained,
+             "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32)}
+    if shared:
+        prompts = list(dict.fromkeys(tuple(r.prompt) for r in rows))
+        batch["prompt_ids"], batch["prompt_mask"] = _padded(prompts, lp, pad_id, left=True)
+        batch["completion_ids"], batch["completion_mask"] = _padded([r.completion for r in rows], t, pad_id)
+        batch["owner"] = torch.tensor([prompts.index(tuple(r.prompt)) for r in rows])
+    else:
+        ids, attn = _padded([r.prompt for r in rows], lp, pad_id, left=True)
+        completion_ids, completion_mask = _padded([r.completion for r in rows], t, pad_id)
+        batch["input_ids"] = torch.cat([ids, completion_ids], 1)
+        batch["attention_mask"] = torch.cat([attn, completion_mask], 1)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _padded(seqs: Sequence[Sequence[int]], width: int, pad_id: int, left: bool = False):
+    """(N, width) ids padded on the left or right, and the mask of the real tokens."""
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span], mask[i, span] = torch.tensor(list(s), dtype=torch.long), 1
+    return ids, mask
 
 
 class GRPOUpdater:
@@ -141,6 +163,7 @@ class GRPOUpdater:
         self.rank, self.world = 0, 1
         self._tensorboard = None  # a SummaryWriter once used, False when tensorboard is not installed
         self.train_model = model
+        self.share_prefix = cfg.share_prefix and shares_prefix(model)  # full attention on transformers' interface
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             from torch.nn.parallel import DistributedDataParallel
 
@@ -177,8 +200,30 @@ class GRPOUpdater:
         return history
 
     def _step(self, rows: list[Row]) -> dict:
-        cfg = self.cfg
         t0 = time.perf_counter()
+        n_tokens = sum(len(r.completion) if r.mask is None else sum(r.mask) for r in rows)  # the tokens trained on
+        loss_sum, kl_sum, clip_sum, ent_sum = self.gradients(rows)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        advantages = torch.tensor([r.advantage for r in rows])
+        seconds = time.perf_counter() - t0
+        return {
+            "step": self.step, "loss": loss_sum, "kl": kl_sum / n_tokens, "clip_fraction": clip_sum / n_tokens,
+            "entropy": ent_sum / n_tokens, "grad_norm": grad_norm, "advantage_mean": float(advantages.mean()),
+            "advantage_std": float(advantages.std()) if len(rows) > 1 else 0.0, "completions": len(rows),
+            "tokens": n_tokens, "tokens_per_s": n_tokens / seconds, "seconds": seconds,
+            "skipped_nonfinite": not finite,
+        }
+
+    def gradients(self, rows: list[Row]) -> list[float]:
+        """One step's gradients, accumulated in the trained parameters' .grad over its micro-batches (and
+        processes), not applied; returns the step's loss and its token-weighted KL, clip fraction and entropy
+        sums."""
         local = rows[self.rank :: self.world]  # under torchrun each process takes every world-th row
         n_seqs = len(rows)
         n_tokens = sum(len(r.completion) if r.mask is None else sum(r.mask) for r in rows)  # the tokens trained on
@@ -186,7 +231,7 @@ class GRPOUpdater:
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = kl_sum = clip_sum = ent_sum = 0.0
-        batches = pack(local, cfg.micro_batch_tokens)
+        batches = pack(local, self.cfg.micro_batch_tokens, shared=self.share_prefix)
         if not batches:  # more processes than rows: join the gradient all-reduce with a zero loss
             sum(p.sum() for p in self.params).mul(0.0).backward()
         for i, mb in enumerate(batches):
@@ -200,30 +245,12 @@ class GRPOUpdater:
             kl_sum += parts.kl * tokens
             clip_sum += parts.clip_fraction * tokens
             ent_sum += entropy * tokens
-        totals = self._all_reduce([loss_sum, kl_sum, clip_sum, ent_sum])
-        loss_sum, kl_sum, clip_sum, ent_sum = totals
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        advantages = torch.tensor([r.advantage for r in rows])
-        seconds = time.perf_counter() - t0
-        return {
-            "step": self.step, "loss": loss_sum, "kl": kl_sum / n_tokens, "clip_fraction": clip_sum / n_tokens,
-            "entropy": ent_sum / n_tokens, "grad_norm": grad_norm, "advantage_mean": float(advantages.mean()),
-            "advantage_std": float(advantages.std()) if len(rows) > 1 else 0.0, "completions": n_seqs,
-            "tokens": n_tokens, "tokens_per_s": n_tokens / seconds, "seconds": seconds,
-            "skipped_nonfinite": not finite,
-        }
+        return self._all_reduce([loss_sum, kl_sum, clip_sum, ent_sum])
 
     def _micro_batch_loss(self, mb: list[Row], n_seqs: int, n_tokens: int, max_len: int):
         """The micro-batch's share of the step loss, normalised over the whole step."""
         cfg = self.cfg
-        b = collate(mb, self.policy.pad_token_id, self.policy.device)
-        t = b["mask"].shape[1]
+        b = collate(mb, self.policy.pad_token_id, self.policy.device, shared=self.share_prefix)
         temperature = mb[0].temperature
         if any(r.temperature != temperature for r in mb):
             raise UpdateError("a micro-batch mixes sampling temperatures; sample a run's groups at one temperature")
@@ -232,9 +259,8 @@ class GRPOUpdater:
             ref = None
             if cfg.beta > 0:  # first, so that no weight is swapped while the policy's graph is alive
                 with torch.no_grad():
-                    ref = self._reference_logprobs(b, t, temperature)
-            logp, entropy = completion_logprobs(self.train_model, b["input_ids"], b["attention_mask"], t,
-                                                temperature, with_entropy=True)
+                    ref = self._reference_logprobs(b, temperature)
+            logp, entropy = self._logprobs(self.train_model, b, temperature, with_entropy=True)
         # Normalise over the step: grpo and dr_grpo average over the step's sequences; bnpo and dapo over its
         # completion tokens (identical within one step, as TRL's with no accumulation).
         loss_type, scale, num_items = cfg.loss_type, len(mb) / n_seqs, None
@@ -251,9 +277,23 @@ class GRPOUpdater:
         mean_entropy = float((entropy.detach() * b["mask"]).sum() / b["mask"].sum().clamp(min=1))
         return parts, mean_entropy, b
 
-    def _reference_logprobs(self, b: dict, t: int, temperature: float) -> torch.Tensor:
+    def _logprobs(self, model, b: dict, temperature: float, with_entropy: bool = False):
+        """The (B, T) completion log-probs (and entropies) of a collated micro-batch under `model`."""
+        chunk = self.cfg.logit_chunk_tokens
+        if "owner" in b and self.share_prefix:
+            out = shared_prefix_logprobs(model, b["prompt_ids"], b["prompt_mask"], b["owner"], b["completion_ids"],
+                                         b["completion_mask"], temperature, with_entropy, chunk)
+            if out is not None:
+                return out
+            self.share_prefix = False  # logits other than the output head of the hidden states: full rows from now
+            b.update(input_ids=torch.cat([b["prompt_ids"].index_select(0, b["owner"]), b["completion_ids"]], 1),
+                     attention_mask=torch.cat([b["prompt_mask"].index_select(0, b["owner"]), b["completion_mask"]], 1))
+        return completion_logprobs(model, b["input_ids"], b["attention_mask"], b["mask"].shape[1], temperature,
+                                   with_entropy, chunk)
+
+    def _reference_logprobs(self, b: dict, temperature: float) -> torch.Tensor:
         if self.ref_model is not None:
-            return completion_logprobs(self.ref_model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+            return self._logprobs(self.ref_model, b, temperature)[0]
         if self.ref_adapter is not None:  # the reference's adapter weights in place, then the policy's back
             training = self.model.training
             try:
@@ -261,11 +301,11 @@ class GRPOUpdater:
                     self.model.eval()  # no LoRA dropout: the reference is deterministic
                     for p, r in zip(self.params, self.ref_adapter):
                         p.data.copy_(r)
-                    return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+                    return self._logprobs(self.model, b, temperature)[0]
             finally:
                 self.model.train(training)
         with self.model.disable_adapter():
-            return completion_logprobs(self.model, b["input_ids"], b["attention_mask"], t, temperature)[0]
+            return self._logprobs(self.model, b, temperature)[0]
 
     @contextlib.contextmanager
     def _weights_kept(self):

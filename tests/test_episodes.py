@@ -68,7 +68,9 @@ def test_the_same_seed_gives_the_same_episodes(policy, index):
     assert ids(first) == ids(again) and ids(first) != ids(other)
 
 
-def test_the_update_trains_on_the_sampled_token_ids_byte_for_byte_across_turns(policy, index, tmp_path, embedder):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_the_update_trains_on_the_sampled_token_ids_byte_for_byte_across_turns(policy, index, tmp_path, embedder,
+                                                                               share_prefix):
     agent = make_agent(policy, embedder, tmp_path / "store.sqlite", k=4)
     groups, retrieved = run(policy, index)
     for g, facts in zip(groups, retrieved):
@@ -78,22 +80,32 @@ def test_the_update_trains_on_the_sampled_token_ids_byte_for_byte_across_turns(p
         agent.store.log_group(g, prompt=g.messages[-1]["content"], source="loop")
     stored = agent.store.groups(source="loop")
     assert [c for g in stored for c in g.completions] == [c for g in groups for c in g.completions]
+    completions = [c for g in stored for c in g.completions]
 
     rows = [r for rs in trainable_rows(stored)[0] for r in rs]
-    batch = collate(rows, policy.pad_token_id, torch.device("cpu"))
-    for i, (r, c) in enumerate(zip(rows, [c for g in stored for c in g.completions])):
+    batch = collate(rows, policy.pad_token_id, torch.device("cpu"), shared=share_prefix)
+    for i, (r, c) in enumerate(zip(rows, completions)):
         assert batch["mask"][i, : len(c.mask)].tolist() == [float(m) for m in c.mask]  # tool tokens masked out
         assert batch["mask"][i, len(c.mask):].sum() == 0
     seen = []
-    updater = GRPOUpdater(policy, UpdateConfig(learning_rate=1e-3, groups_per_step=2, lora_r=4, beta=0.0))
+    updater = GRPOUpdater(policy, UpdateConfig(learning_rate=1e-3, groups_per_step=2, lora_r=4, beta=0.0,
+                                               share_prefix=share_prefix))
     hook = updater.model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].clone()),
                                                    with_kwargs=True)
     try:
         (metrics,) = updater.train(stored)
     finally:
         hook.remove()
-    fed = [row[row != policy.pad_token_id].tolist() for x in seen for row in x]
-    assert sorted(fed) == sorted(g.prompt_token_ids + c.token_ids for g in stored for c in g.completions)
+    fed = sorted(row[row != policy.pad_token_id].tolist() for x in seen for row in x)
+    if share_prefix:  # each prompt once, then each episode's tokens but its last (which predicts nothing)
+        t = batch["completion_ids"].shape[1]
+        assert fed == sorted([g.prompt_token_ids for g in stored] + [c.token_ids[: t - 1] for c in completions])
+        for i, c in enumerate(completions):  # the ids trained on: the prompt and the episode as sampled
+            prompt = batch["prompt_ids"][batch["owner"][i]]
+            assert prompt[batch["prompt_mask"][batch["owner"][i]].bool()].tolist() == stored[i // 4].prompt_token_ids
+            assert batch["completion_ids"][i, : len(c.token_ids)].tolist() == c.token_ids
+    else:
+        assert fed == sorted(g.prompt_token_ids + c.token_ids for g in stored for c in g.completions)
     assert metrics["tokens"] == sum(sum(c.mask) for g in stored for c in g.completions)  # the sampled ones only
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo_agent.grpo import completion_logprobs, grpo_loss, importance_ratio, kl_k3, reduce_loss
+from grpo_agent.grpo import (completion_logprobs, grpo_loss, importance_ratio, kl_k3, reduce_loss,
+                             shared_prefix_logprobs)
 from grpo_agent.updater import Row, collate
 
 B, P, T = 4, 5, 6  # completions, prompt length (no left padding: TRL passes no position ids), completion length
@@ -38,7 +39,7 @@ def batch():
     completion_mask[1, 4:] = 0  # a completion that stopped early (right padding)
     completion_mask[3, 2:] = 0
     return dict(
-        prompt_ids=torch.randint(3, 300, (B, P), generator=g),
+        prompt_ids=torch.randint(3, 300, (B // 2, P), generator=g).repeat_interleave(2, 0),  # groups of 2
         prompt_mask=torch.ones(B, P, dtype=torch.long),
         completion_ids=torch.randint(3, 300, (B, T), generator=g),
         completion_mask=completion_mask,
@@ -58,7 +59,9 @@ def grads(model):
                         ("grpo", "sequence")]
 )
 @pytest.mark.parametrize("beta,bias_correction", [(0.0, True), (0.04, True), (0.04, False)])
-def test_loss_and_gradients_equal_trl(trl_trainer, batch, loss_type, level, beta, bias_correction):
+@pytest.mark.parametrize("shared", [False, True])
+def test_loss_and_gradients_equal_trl(trl_trainer, batch, loss_type, level, beta, bias_correction, shared):
+    """Ours against TRL's loss and gradients, with full rows or each prompt run once for its group (shared)."""
     model = trl_trainer.model
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
@@ -76,7 +79,12 @@ def test_loss_and_gradients_equal_trl(trl_trainer, batch, loss_type, level, beta
     their_grads = grads(model)
 
     model.zero_grad()
-    logp, _ = completion_logprobs(model, input_ids, attention_mask, T)
+    if shared:
+        owner = torch.arange(B) // 2
+        logp, _ = shared_prefix_logprobs(model, batch["prompt_ids"][::2], batch["prompt_mask"][::2], owner,
+                                         batch["completion_ids"], batch["completion_mask"], chunk=5)
+    else:
+        logp, _ = completion_logprobs(model, input_ids, attention_mask, T)
     ours = grpo_loss(
         logp, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"],
         ref_logp=inputs["ref_per_token_logps"], beta=beta, epsilon_low=0.2, epsilon_high=0.28,

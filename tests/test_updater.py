@@ -10,7 +10,7 @@ import torch
 from grpo_agent.config import UpdateConfig
 from grpo_agent.grpo import completion_logprobs
 from grpo_agent.rollout.policy import load_policy
-from grpo_agent.updater import GRPOUpdater, Row, UpdateError, latest_checkpoint, pack
+from grpo_agent.updater import GRPOUpdater, Row, UpdateError, latest_checkpoint, pack, trainable_rows
 
 CHATS = [[{"role": "user", "content": q}] for q in
          ["Is the tiger endangered?", "What harms sea turtles?", "Why protect pangolins?", "Where do kakapo live?"]]
@@ -87,6 +87,44 @@ def test_micro_batching_does_not_change_the_update(tiny_model_dir, loss_type):
     (a, loss_a), (b, loss_b) = results
     assert loss_a == pytest.approx(loss_b, abs=1e-6)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+@pytest.mark.parametrize("budget", [10_000, 60])
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_a_shared_prefix_and_chunked_logits_give_the_same_update(tiny_model_dir, loss_type, lora, budget):
+    """Each prompt run once for its completions and the logits made 7 tokens at a time: the same loss and gradients
+    as full rows with whole logits (issue #23), for every loss type, LoRA and full, micro-batched or not, with the
+    KL to the reference, an episode's mask, and old log-probs off the current policy (ratios clipped)."""
+    results = []
+    for share, chunk in ((False, 0), (True, 7)):
+        policy = load_policy(str(tiny_model_dir), device="cpu")
+        groups = scored_groups(policy, k=3, seed=3)[:3]
+        noise = torch.Generator().manual_seed(0)
+        for c in (c for g in groups for c in g.completions):
+            c.logprobs = (torch.tensor(c.logprobs) + 0.3 * torch.randn(len(c.logprobs), generator=noise)).tolist()
+        for c in groups[1].completions:  # an episode: only every other token sampled by the policy
+            c.mask = [1 - i % 2 for i in range(len(c.token_ids))]
+        updater = GRPOUpdater(policy, UpdateConfig(loss_type=loss_type, lora=lora, micro_batch_tokens=budget,
+                                                   share_prefix=share, logit_chunk_tokens=chunk, beta=0.04))
+        assert updater.share_prefix is share
+        (loss, kl, clip, _) = updater.gradients([r for rows in trainable_rows(groups)[0] for r in rows])
+        results.append((loss, kl, clip, {n: p.grad.clone() for n, p in policy.model.named_parameters()
+                                         if p.grad is not None}))
+    (loss_a, kl_a, clip_a, a), (loss_b, kl_b, clip_b, b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-5) and kl_a == pytest.approx(kl_b, abs=1e-5)
+    assert clip_a == pytest.approx(clip_b, abs=1e-4)
+    assert a.keys() == b.keys() and len(a) > 0 and clip_a > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), name
+
+
+def test_pack_counts_a_shared_prompt_once():
+    rows = [Row([1] * 20, [2] * 4, [0.0] * 4, 1.0, 1.0, "g") for _ in range(4)]
+    rows += [Row([3] * 10, [2] * 6, [0.0] * 6, 1.0, 1.0, "h") for _ in range(2)]
+    assert [len(b) for b in pack(rows, budget=40)] == [1, 1, 1, 1, 2]  # 24 tokens a row
+    assert [len(b) for b in pack(rows, budget=40, shared=True)] == [4, 2]  # 20 + 4 x 4, then 10 + 2 x 6
+    assert [len(b) for b in pack(rows, budget=60, shared=True)] == [4, 2]  # 2 prompts x 20 + 5 x 6 = 70 > 60
 
 
 def test_pack_respects_the_token_budget():

@@ -8,7 +8,11 @@ RLHF as InstructGPT runs it, at small scale on the bundled model (LoRA r=16 on e
      reward = -kl_coef * (logp - ref_logp), plus the reward model's score on the last token; GAE; one clipped
      policy step and one clipped value step (the value model starts from the reward model).
 Label-free GRPO (ours): sample, self-score (embeddings, no language-model pass), reference forward, one
-clipped policy step. Both learn from the same pool questions (data split as tools/bench_quality.py),
+clipped policy step.
+Online DPO on the same self-scored groups (issue #23): per group, its best and worst answers by the same self-score
+(chosen, rejected; a group whose scores did not vary gives no pair, as GRPO skips it), one step of DPO's sigmoid loss
+(Rafailov et al. 2023; TRL DPOTrainer's default loss_type, beta --dpo-beta) on the sampled token ids, the reference
+the base model (the LoRA adapter off). Both learn from the same pool questions (data split as tools/bench_quality.py),
 the same K, lengths, temperature, learning rate, ratio clip (0.2 below, 0.28 above) and number of groups,
 and are evaluated at the same points on held-out questions (single-sample accuracy of K sampled answers).
 
@@ -19,6 +23,7 @@ report gives the compute each spent to first reach it (RLHF's includes its prefe
 model), or says there was no common gain.
 
     .venv/bin/python tools/bench_rlhf.py [--groups 60 --eval-every 20 --held-out 48]
+    .venv/bin/python tools/bench_rlhf.py --methods grpo dpo --out tools/results/bench_rlhf_dpo.json
 """
 
 from __future__ import annotations
@@ -236,6 +241,51 @@ class PPO:
                 "kl": float(masked_mean(old - ref, mask))}
 
 
+# ----- online DPO on self-ranked pairs ----------------------------------------------------------------------
+class DPO:
+    """One DPO step per group on its best and worst self-scored answers: -log sigmoid(beta * ((pi_c - ref_c) -
+    (pi_r - ref_r))), each term a sequence log-prob (summed over the sampled tokens), LoRA r 16 on the policy."""
+
+    def __init__(self, policy, args):
+        from peft import LoraConfig, get_peft_model
+
+        self.model = get_peft_model(policy.model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS),
+                                                             task_type="CAUSAL_LM"))
+        policy.model = self.model  # the agent samples from the adapted model
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr)
+        self.beta, self.pad_id, self.device = args.dpo_beta, policy.pad_token_id, policy.device
+
+    def step(self, groups, ledger: Ledger) -> dict | None:
+        pairs = []
+        for g in groups:
+            order = sorted(range(len(g.completions)), key=lambda j: g.completions[j].composite)
+            if not g.zero_variance and g.completions[order[-1]].composite > g.completions[order[0]].composite:
+                pairs.append((order[-1], order[0], g))
+        if not pairs:
+            return None
+        def row(g, j):
+            return Row(g.prompt_token_ids, g.completions[j].token_ids, g.completions[j].logprobs, 0.0,
+                       g.temperature or 1.0, g.group_id)
+
+        rows = [row(g, chosen) for chosen, _, g in pairs] + [row(g, rejected) for _, rejected, g in pairs]
+        batch = collate(rows, self.pad_id, self.device)
+        t, n = batch["mask"].shape[1], len(pairs)
+        self.model.train()
+        with torch.no_grad(), self.model.disable_adapter():
+            ref = (completion_logprobs(self.model, batch["input_ids"], batch["attention_mask"], t,
+                                       rows[0].temperature)[0] * batch["mask"]).sum(-1)
+        logp = (completion_logprobs(self.model, batch["input_ids"], batch["attention_mask"], t,
+                                    rows[0].temperature)[0] * batch["mask"]).sum(-1)
+        margin = (logp[:n] - ref[:n]) - (logp[n:] - ref[n:])
+        loss = -F.logsigmoid(self.beta * margin).mean()
+        optimise(loss, self.optimizer)
+        self.model.eval()
+        tokens = real_tokens(batch)
+        for model in ("reference.forward", "policy.forward", "policy.backward"):
+            ledger.add("dpo", model, tokens)
+        return {"loss": float(loss.detach()), "margin": float(margin.detach().mean())}
+
+
 # ----- the runs ----------------------------------------------------------------------------------------------
 def run(method: str, data: dict, args, embedder: Embedder) -> dict:
     cfg = Config(sampling=SamplingConfig(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
@@ -250,6 +300,8 @@ def run(method: str, data: dict, args, embedder: Embedder) -> dict:
         print(f"rlhf: {len(pairs)} preference pairs, reward model pair accuracy {accuracy:.3f} on held-back pairs, "
               f"{ledger.seconds['preferences'] + ledger.seconds['reward_model']:.0f} s", flush=True)
         learner = PPO(policy, reward_model, args)
+    elif method == "dpo":
+        learner = DPO(policy, args)
     else:
         learner = GRPOUpdater(policy, UpdateConfig(learning_rate=args.lr, groups_per_step=args.groups_per_step,
                                                    seed=args.seed))
@@ -264,6 +316,12 @@ def run(method: str, data: dict, args, embedder: Embedder) -> dict:
         ledger.seconds[f"{method}.sample"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if method == "rlhf":
+            for g in range(0, len(groups), args.groups_per_step):
+                learner.step(groups[g : g + args.groups_per_step], ledger)
+        elif method == "dpo":  # ranked by the same self-score as GRPO's groups
+            agent.scorer.score_groups(groups, contexts)
+            ledger.seconds[f"{method}.score"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
             for g in range(0, len(groups), args.groups_per_step):
                 learner.step(groups[g : g + args.groups_per_step], ledger)
         else:
@@ -312,6 +370,8 @@ def main() -> None:
     ap.add_argument("--other", type=int, default=1)
     ap.add_argument("--harm", type=int, default=1)
     ap.add_argument("--pool", type=int, default=0, help="pool questions the preference pairs come from (0: all)")
+    ap.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (TRL's default)")
+    ap.add_argument("--methods", nargs="+", choices=["grpo", "rlhf", "dpo"], default=["grpo", "rlhf", "dpo"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/results/bench_rlhf.json")
     args = ap.parse_args()
@@ -322,7 +382,7 @@ def main() -> None:
     base = GRPOAgent.from_config(cfg, policy=load_policy(args.model), index=data["index"], embedder=embedder)
     args.base_accuracy = measure_answers(base, data["held_out"], args.eval_k, seed=10_000)["accuracy"]
     print(f"base held-out accuracy {args.base_accuracy:.3f}", flush=True)
-    results = [run("grpo", data, args, embedder), run("rlhf", data, args, embedder)]
+    results = [run(method, data, args, embedder) for method in args.methods]
     # The score both are held to: the lower of their final scores (each reaches it within the budget), when
     # it is above the base; one eval point's standard error is about sqrt(p (1 - p) / questions).
     target = min(r["curve"][-1]["accuracy"] for r in results)

@@ -332,7 +332,7 @@ class GRPOAgent:
         params = {**self._sampling_params(), **sampling}
         return EpisodeRunner(self.policy, SearchTool(self.retriever, e.search_top_k), max_turns=e.max_turns,
                              max_new_tokens=params["max_new_tokens"], query_tokens=e.query_tokens,
-                             temperature=params["temperature"], top_p=params["top_p"], system=self.system)
+                             temperature=params["temperature"], top_p=params["top_p"])
 
     def episode_groups(self, tasks: Sequence[Task], references: Sequence[str | None] | None = None,
                        seed: int | None = None, **sampling: Any) -> "Answered":

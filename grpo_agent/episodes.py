@@ -25,12 +25,14 @@ from typing import Sequence
 import torch
 
 from .errors import ContextLengthError
-from .prompts import SYSTEM, facts_block
+from .prompts import facts_block
 from .records import Completion, Group, Passage
 
 SEARCH, ANSWER = "Search", "Answer"
-EPISODE_SYSTEM = ("You may search the notes before you answer. Reply with 'Search:' and a short query to look "
-                  "something up, or with 'Answer:' and your answer.")  # follows the agent's own system prompt
+# The bundled model's first turn searches with probability 0.20 under this prompt, 0.07-0.13 when the agent's own
+# system prompt comes with it: too rarely for GRPO to learn searching from (tools/bench_episodes.py)
+EPISODE_SYSTEM = ("Answer the user's question about the notes. You may search the notes first. Reply with "
+                  "'Search:' and a short query to look something up, or with 'Answer:' and your answer.")
 _MARK = "\u2063TURN\u2063"  # stands for a turn's content when the chat template renders what follows it
 
 
@@ -90,7 +92,7 @@ class EpisodeRunner:
 
     def __init__(self, policy, tool: SearchTool, max_turns: int = 3, max_new_tokens: int = 48,
                  query_tokens: int = 24, temperature: float = 1.0, top_p: float = 1.0,
-                 system: str = SYSTEM):
+                 system: str = EPISODE_SYSTEM):
         if max_turns < 1:
             raise ValueError(f"max_turns = {max_turns}: an episode needs at least one turn (its answer)")
         self.policy, self.tool, self.max_turns = policy, tool, max_turns
@@ -112,7 +114,7 @@ class EpisodeRunner:
         return (self.max_turns - 1) * per_search + 1 + self.max_new_tokens
 
     def chat(self, question: str) -> list[dict]:
-        return [{"role": "system", "content": f"{self.system} {EPISODE_SYSTEM}"}, {"role": "user", "content": question}]
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
 
     def check_fits(self, questions: Sequence[str]) -> None:
         """ContextLengthError for the first question whose episode could run past the model's context."""

@@ -27,6 +27,7 @@ Two parts measure issue #23's savings, each as a ratio in one run (LoRA, fp32):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -113,7 +114,7 @@ def run_prefix(args: argparse.Namespace) -> list[dict]:
         for i, group in enumerate(groups):
             for share in (True, False) if i % 2 else (False, True):
                 updater.share_prefix = share
-                (m,) = updater.train([group])
+                (m,) = updater.train([dataclasses.replace(group, group_id=f"{group.group_id}-{share}")])
                 if i >= args.warmup:
                     seconds[share].append(m["seconds"])
         row = {"prompt_len": prompt_len, "k": args.k, "completion_len": args.completion_len,

@@ -18,7 +18,8 @@ Two parts measure issue #23's savings, each as a ratio in one run (LoRA, fp32):
                   alternate step by step on one updater, so both see the same machine;
   --part logits   peak memory (max RSS, one process each, above the loaded model) of one update step over 1k, 4k
                   and 16k completion tokens in one micro-batch, with the logits made 1024 tokens at a time
-                  (update.logit_chunk_tokens) and all at once.
+                  (update.logit_chunk_tokens) and all at once; a step killed for want of memory is reported
+                  as such.
 
     .venv/bin/python tools/bench_update.py --part prefix      # tools/results/bench_update_prefix.json
     .venv/bin/python tools/bench_update.py --part logits      # tools/results/bench_update_logits.json
@@ -184,12 +185,19 @@ def main() -> None:
             for chunk in (1024, 0):
                 cmd = [sys.executable, __file__, "--child", "logits", f"--completion-tokens={tokens}",
                        f"--chunk={chunk}"]
-                result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+                result = subprocess.run(cmd, capture_output=True, text=True)
                 how = "all at once" if chunk == 0 else f"{chunk} at a time"
-                print(f"{tokens:6d} completion tokens, logits {how:16s} peak RSS {rows[-1]['peak_rss_mb']:7.0f} MB ({rows[-1]['step_mb']:6.0f} MB above the loaded "
-                      f"model), {rows[-1]['seconds']:.1f} s", flush=True)
-        write_report({"benchmark": "update_logits", "settings": vars(args), "results": rows}, args.out)
+                if result.returncode != 0:  # -9: killed by the kernel for want of memory
+                    rows.append({"completion_tokens": tokens, "logit_chunk_tokens": chunk,
+                                 "failed": f"exit {result.returncode}", "stderr": result.stderr[-500:]})
+                    print(f"{tokens:6d} completion tokens, logits {how:16s} failed: exit {result.returncode}"
+                          + (" (killed: out of memory)" if result.returncode == -9 else ""), flush=True)
+                else:
+                    rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+                    print(f"{tokens:6d} completion tokens, logits {how:16s} peak RSS {rows[-1]['peak_rss_mb']:7.0f} MB "
+                          f"({rows[-1]['step_mb']:6.0f} MB above the loaded model), {rows[-1]['seconds']:.1f} s",
+                          flush=True)
+                write_report({"benchmark": "update_logits", "settings": vars(args), "results": rows}, args.out)
         return
 
     rows = []

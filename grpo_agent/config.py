@@ -144,9 +144,10 @@ class UpdateConfig:
     use_bias_correction_kl: bool = True  # weight the KL by the importance ratio (TRL's default)
     num_iterations: int = 1  # passes over the same groups; later passes use the importance ratio
     groups_per_step: int = 1  # groups whose completions make one optimizer step (1: a step per group, on-policy)
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward; larger steps accumulate gradients
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (a shared prompt counted once); larger
+    #                                 steps accumulate gradients
     share_prefix: bool = True  # run a prompt once for all its completions in a micro-batch (same gradients)
-    logit_chunk_tokens: int = 1024  # completion tokens whose logits are made at once (0: all; same values)
+    logit_chunk_tokens: int = 1024  # padded completion positions whose logits are made at once (0: all; same values)
     learning_rate: float = 1e-4  # with LoRA r 16 and a step per group: +15.7 points held out (tools/bench_quality.py)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping (0: off)

@@ -16,6 +16,7 @@ and the per-token losses are reduced by `loss_type`:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -100,16 +101,34 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model).get_output_embeddings()
 
 
+_HEAD_GIVES_LOGITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
 def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor | None:
     """The final hidden states (B, L, H) of a forward pass that makes the logits of its last position only; None
-    when the output head of those hidden states is not the model's logits (logit soft-capping or scaling)."""
+    when the model's logits are not its output head of those hidden states (soft-capped or scaled logits). Known
+    per model after its first forward, which compares the two."""
+    inner = getattr(model, "module", model)
+    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    if any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        _HEAD_GIVES_LOGITS[inner] = False
+    if _HEAD_GIVES_LOGITS.get(inner) is False:
+        return None
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1]
-    with torch.no_grad():  # the check: the head of the last hidden state gives the logits the model gave
-        mine = output_head(model)(hidden[:1, -1]).float()
-        if not torch.allclose(mine, out.logits[:1, -1].float(), rtol=1e-3, atol=1e-3):
-            return None
-    return hidden
+    hidden = out.hidden_states[-1] if out.hidden_states else None
+    if inner not in _HEAD_GIVES_LOGITS:
+        _HEAD_GIVES_LOGITS[inner] = hidden is not None and _head_gives(output_head(model), hidden, out.logits)
+    return hidden if _HEAD_GIVES_LOGITS[inner] else None
+
+
+@torch.no_grad()
+def _head_gives(head: torch.nn.Module, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether the head of the last hidden state, at the shape the model used, gives the model's logits (to fp32
+    rounding, or bf16's when the model ran in it)."""
+    full = hidden.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
+    tol = 1e-3 if full else 2e-2
+    return torch.allclose(head(hidden[:, -1:]).float(), logits.float(), rtol=tol, atol=tol)
 
 
 def token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -163,7 +163,9 @@ class GRPOUpdater:
         self.rank, self.world = 0, 1
         self._tensorboard = None  # a SummaryWriter once used, False when tensorboard is not installed
         self.train_model = model
-        self.share_prefix = cfg.share_prefix and shares_prefix(model)  # full attention on transformers' interface
+        # full attention on transformers' interface, and a cache kept in training (layer checkpointing drops it)
+        self.share_prefix = (cfg.share_prefix and shares_prefix(model)
+                             and not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             from torch.nn.parallel import DistributedDataParallel
 

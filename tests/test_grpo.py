@@ -141,3 +141,23 @@ def test_formulas_by_hand():
         reduce_loss(per_token, mask, "ppo")
     with pytest.raises(ValueError, match="needs ref_logp"):
         grpo_loss(logp, old, torch.tensor([1.0, 1.0]), mask, beta=0.1)
+
+
+def test_a_model_whose_logits_are_not_its_head_of_the_hidden_states_gets_its_own_logits(tiny_model_dir):
+    """Scaled (or soft-capped) logits: the chunked path would be wrong, so the log-probs come from the model's own
+    logits, and the shared-prefix path says it cannot serve (the updater then runs full rows)."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo_agent import grpo
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.register_forward_hook(lambda m, args, out: out.__setitem__("logits", out.logits * 0.5) or out)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, ids, mask, 4)
+        want = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, -5:-1].float(), -1)
+        assert grpo._HEAD_GIVES_LOGITS[model] is False
+        assert shared_prefix_logprobs(model, ids[:1, :5], mask[:1, :5], torch.tensor([0, 0]), ids[:, 5:],
+                                      mask[:, 5:]) is None
+    assert torch.allclose(logp, want.gather(-1, ids[:, -4:].unsqueeze(-1)).squeeze(-1), atol=1e-6)

@@ -426,7 +426,7 @@ def test_the_reference_reset_anchors_the_kl_to_the_promoted_policy(policy, embed
     t = batch["mask"].shape[1]
     before = [p.detach().clone() for p in updater.params]
     with torch.no_grad():
-        ref = updater._reference_logprobs(batch, t, 1.0)
+        ref = updater._reference_logprobs(batch, 1.0)
         assert all(torch.equal(a, b) for a, b in zip(before, updater.params))
         assert not torch.equal(ref, completion_logprobs(policy.model, batch["input_ids"], batch["attention_mask"], t)[0])
         policy.load_adapter(run / "promoted" / "r2")

@@ -76,6 +76,12 @@ def trainable_rows(groups: Iterable[Group]) -> tuple[list[list[Row]], list[str]]
     return usable, skipped
 
 
+def trained_tokens(rows: Sequence[Row]) -> int:
+    """The tokens a step trains on: every completion token, or only the unmasked ones (an episode's assistant
+    turns)."""
+    return sum(len(r.completion) if r.mask is None else sum(r.mask) for r in rows)
+
+
 def pack(rows: Sequence[Row], budget: int, shared: bool = False) -> list[list[Row]]:
     """Consecutive micro-batches whose padded size fits `budget`: rows x (longest prompt + longest completion),
     or, `shared`, distinct prompts x longest prompt + rows x longest completion. A row larger than the budget gets
@@ -203,7 +209,7 @@ class GRPOUpdater:
 
     def _step(self, rows: list[Row]) -> dict:
         t0 = time.perf_counter()
-        n_tokens = sum(len(r.completion) if r.mask is None else sum(r.mask) for r in rows)  # the tokens trained on
+        n_tokens = trained_tokens(rows)
         loss_sum, kl_sum, clip_sum, ent_sum = self.gradients(rows)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -228,7 +234,7 @@ class GRPOUpdater:
         sums."""
         local = rows[self.rank :: self.world]  # under torchrun each process takes every world-th row
         n_seqs = len(rows)
-        n_tokens = sum(len(r.completion) if r.mask is None else sum(r.mask) for r in rows)  # the tokens trained on
+        n_tokens = trained_tokens(rows)
         max_len = max(len(r.completion) for r in rows)
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)

@@ -255,6 +255,14 @@ class GRPOAgent:
             self._check_promoted()
             return self._answer([split_task(t) for t in tasks], references, **sampling)
 
+    def answered(self, unit: str, tasks: Sequence[Task], references: Sequence[str | None] | None = None,
+                 seed: int | None = None) -> "Answered":
+        """Groups collected for training in the loop's unit (loop.unit): episode_groups for "episode" (with
+        [episodes] explore), scored_groups for "answer"."""
+        if unit == "episode":
+            return self.episode_groups(tasks, references, seed=seed, explore=self.episodes.explore)
+        return self.scored_groups(tasks, references, seed=seed)
+
     @staticmethod
     def group_logs(questions: Sequence[str], answered: "Answered", task_ids: Sequence[str | None],
                    references: Sequence[str | None], meta: dict | None = None) -> list[dict | None]:
@@ -335,10 +343,11 @@ class GRPOAgent:
                              temperature=params["temperature"], top_p=params["top_p"])
 
     def episode_groups(self, tasks: Sequence[Task], references: Sequence[str | None] | None = None,
-                       seed: int | None = None, **sampling: Any) -> "Answered":
+                       seed: int | None = None, explore: int = 0, **sampling: Any) -> "Answered":
         """K episodes per task (the policy searching the fact index, then answering), scored on their final answers
         with the facts each retrieved: what scored_groups gives for single answers, a group's completions being
-        its episodes and its passages every fact its episodes retrieved."""
+        its episodes and its passages every fact its episodes retrieved. `explore` episodes of each group are
+        made to search first (collecting for training: [episodes] explore)."""
         if self.scorer is None or self.k < 2:
             raise AgentError("episode groups need a scorer and k >= 2")
         questions = [split_task(t)[0] for t in tasks]
@@ -346,7 +355,7 @@ class GRPOAgent:
         with self._lock:
             self._check_promoted()
             runner = self.episode_runner(**sampling)
-            groups, retrieved = runner.run(questions, sampling.get("k", self.k), seed=seed)
+            groups, retrieved = runner.run(questions, sampling.get("k", self.k), seed=seed, explore=explore)
         penalty = self.episodes.tool_error_penalty
         contexts = [ScoreContext(q, [], ref) for q, ref in zip(questions, references)]
         scored = [self.scorer.score_episodes(g, c, r, penalty) for g, c, r in zip(groups, contexts, retrieved)]

@@ -284,12 +284,15 @@ class EpisodeConfig:
     search_top_k: int = 3  # passages a search returns
     query_tokens: int = 24  # length cap of a search query
     tool_error_penalty: float = 0.1  # share of the composite an episode loses per tool error (an empty query)
+    explore: int = 0  # episodes of each collected group made to search on their first turn (< sampling.k); 0: none
 
     def __post_init__(self) -> None:
         for key in ("max_turns", "search_top_k", "query_tokens"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"episodes.{key} = {value!r}: must be an integer >= 1")
+        if not isinstance(self.explore, int) or self.explore < 0:
+            raise ConfigError(f"episodes.explore = {self.explore!r}: an integer >= 0 (0: none made to search)")
         if not isinstance(self.tool_error_penalty, (int, float)) or not 0 <= self.tool_error_penalty <= 1:
             raise ConfigError(f"episodes.tool_error_penalty = {self.tool_error_penalty!r}: a share in [0, 1]")
 

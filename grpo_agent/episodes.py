@@ -9,9 +9,11 @@ sampling and training breaks policy-gradient training).
 The action format suits small models: each of the policy's turns opens with one of two words, chosen by the
 model's own probabilities over just those two (their log-probs are the full softmax's, as top-p's are):
 "Search" (the rest of the line is the query, sent to the search tool) or "Answer" (the rest of the turn is the
-final answer). The last allowed turn is made to answer: its opening word is fed (mask 0), not sampled. A search's
-result comes back as the facts block of the agent's own prompt with the question restated after it, so the answer
-that follows reads what a single answer reads.
+final answer). The last allowed turn is made to answer: its opening word is fed (mask 0), not sampled. While
+collecting, `explore` episodes of each group can be made to search on their first turn the same way (the opening
+word fed, the query sampled): a policy that almost never searches otherwise never sees what a search is worth
+against the answers of its own group. A search's result comes back as the facts block of the agent's own prompt
+with the question restated after it, so the answer that follows reads what a single answer reads.
 
     runner = EpisodeRunner(policy, SearchTool(index))
     groups, retrieved = runner.run(["Why are snow leopards endangered?"], k=4, seed=0)
@@ -61,26 +63,33 @@ class SearchTool:
 
 
 @dataclass
-class _Episode:
-    """One episode as it runs."""
+class Trace:
+    """An episode's token ids after its first prompt, as the updater trains on them: those the policy sampled
+    (mask 1, with their sampled log-probs) and those fed to it between its turns (mask 0, log-prob 0)."""
 
-    question: str
-    chat: list[dict]  # the chat so far as text (turn contents decoded), for the template and for people
-    prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
-    turns: list[dict] = field(default_factory=list)
-    passages: list[Passage] = field(default_factory=list)
-    answer: str = ""
-    finish_reason: str = "length"
-    done: bool = False
 
     def add(self, ids: Sequence[int], logprobs: Sequence[float] | None) -> None:
         """Token ids the policy sampled (with their log-probs) or, logprobs None, ids fed to it."""
         self.tokens += list(ids)
         self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
         self.mask += [1 if logprobs is not None else 0] * len(ids)
+
+
+@dataclass(kw_only=True, eq=False)
+class _Episode(Trace):
+    """One episode as it runs."""
+
+    question: str
+    chat: list[dict]  # the chat so far as text (turn contents decoded), for the template and for people
+    prompt: list[int]
+    turns: list[dict] = field(default_factory=list)
+    passages: list[Passage] = field(default_factory=list)
+    answer: str = ""
+    finish_reason: str = "length"
+    done: bool = False
 
     def completion(self) -> Completion:
         return Completion(text=self.answer, token_ids=self.tokens, logprobs=self.logprobs,
@@ -101,6 +110,7 @@ class EpisodeRunner:
         tok = policy.tokenizer
         self.words = {w: tok.encode(w, add_special_tokens=False)[0] for w in (SEARCH, ANSWER)}
         self.answer_ids = tok.encode(ANSWER, add_special_tokens=False)  # fed whole on the last turn
+        self.search_ids = tok.encode(SEARCH, add_special_tokens=False)  # fed whole on an exploring first turn
         if self.words[SEARCH] == self.words[ANSWER]:
             raise ValueError(f"{SEARCH!r} and {ANSWER!r} start with the same token for this tokenizer")
         # a query ends at the end of its line (any token holding a newline) or at the end of the turn
@@ -110,8 +120,8 @@ class EpisodeRunner:
     def budget(self) -> int:
         """Tokens an episode may take past its prompt, at most (every turn a search, then the answer); a search's
         result restates the question, counted apart (check_fits)."""
-        per_search = 1 + self.query_tokens + self.tool.max_result_tokens(self.policy.tokenizer)
-        return (self.max_turns - 1) * per_search + 1 + self.max_new_tokens
+        per_search = len(self.search_ids) + self.query_tokens + self.tool.max_result_tokens(self.policy.tokenizer)
+        return (self.max_turns - 1) * per_search + len(self.answer_ids) + self.max_new_tokens
 
     def chat(self, question: str) -> list[dict]:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
@@ -128,22 +138,28 @@ class EpisodeRunner:
                                          f"the model's {limit}; lower episodes.max_turns or max_new_tokens",
                                          index=i, prompt_tokens=n, limit=limit)
 
-    def run(self, questions: Sequence[str], k: int, seed: int | None = None) -> tuple[list[Group], list[list[list[Passage]]]]:
+    def run(self, questions: Sequence[str], k: int, seed: int | None = None,
+            explore: int = 0) -> tuple[list[Group], list[list[list[Passage]]]]:
         """K episodes for each question: one Group each (its completions the episodes), and the passages each
-        episode retrieved (per group, per episode)."""
+        episode retrieved (per group, per episode). The last `explore` episodes of each group search on their first
+        turn (for collecting; 0 when serving or evaluating)."""
+        if not 0 <= explore < k:
+            raise ValueError(f"explore = {explore}: the episodes made to search must be fewer than k = {k}, so the "
+                             "group's others still choose")
         gen = torch.Generator()
         gen.manual_seed(seed) if seed is not None else gen.seed()
         episodes = []
         for q in questions:
             chat = self.chat(q)
             prompt = self.policy.encode_chat(chat)
-            episodes += [_Episode(q, [dict(m) for m in chat], list(prompt)) for _ in range(k)]
+            episodes += [_Episode(question=q, chat=[dict(m) for m in chat], prompt=list(prompt)) for _ in range(k)]
         for turn in range(self.max_turns):
             active = [e for e in episodes if not e.done]
             if not active:
                 break
+            forced = {i for i in range(len(active)) if i % k >= k - explore} if turn == 0 else set()  # (all active)
             searchers = self._turn(active, int(torch.randint(2**31 - 1, (1,), generator=gen)),
-                                   last=turn == self.max_turns - 1)
+                                   last=turn == self.max_turns - 1, forced=forced)
             if searchers:
                 self._search(searchers)
         groups, retrieved = [], []
@@ -155,32 +171,41 @@ class EpisodeRunner:
             retrieved.append([e.passages for e in mine])
         return groups, retrieved
 
-    def _turn(self, active: list[_Episode], seed: int, last: bool) -> list[_Episode]:
-        """One turn of every active episode in one sampling call: the opening word chosen between the two by the
-        model's own probabilities (on the last turn "Answer" is fed instead), then the rest of the turn. A search
-        turn is kept up to the end of its query's line (at most query_tokens); the tokens sampled after it are
-        dropped, never fed back. Returns the episodes that searched."""
+    def _turn(self, active: list[_Episode], seed: int, last: bool, forced: set[int] = frozenset()) -> list[_Episode]:
+        """One turn of every active episode: the opening word chosen between the two by the model's own
+        probabilities (on the last turn "Answer" is fed instead, and "Search" for the `forced` ones, indices into
+        `active`), then the rest of the turn; the episodes of each kind in one sampling call. A search turn is kept
+        up to the end of its query's line (at most query_tokens); the tokens sampled after it are dropped, never fed
+        back. Returns the episodes that searched."""
         s, a = self.words[SEARCH], self.words[ANSWER]
-        if last:
-            for e in active:
-                e.add(self.answer_ids, None)
-        groups = self.policy.sample([[{"role": "user", "content": ""}]] * len(active), k=1,
-                                    max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                    top_p=self.top_p, seed=seed, prompt_ids=[e.prompt + e.tokens for e in active],
-                                    first_tokens=None if last else [s, a])
+        opening = [self.answer_ids if last else self.search_ids if i in forced else None for i in range(len(active))]
+        starts = [len(e.tokens) for e in active]  # where each turn begins: its opening word
+        for e, words in zip(active, opening):
+            if words is not None:
+                e.add(words, None)
+        sampled = {}
+        for rows, first in (([i for i, w in enumerate(opening) if w is None], [s, a]),
+                            ([i for i, w in enumerate(opening) if w is not None], None)):
+            if rows:
+                groups = self.policy.sample([[{"role": "user", "content": ""}]] * len(rows), k=1,
+                                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                            top_p=self.top_p, seed=seed,
+                                            prompt_ids=[active[i].prompt + active[i].tokens for i in rows],
+                                            first_tokens=first)
+                sampled.update(zip(rows, (g.completions[0] for g in groups)))
         tok, searchers = self.policy.tokenizer, []
         stops = set(self.query_stops)
-        for e, g in zip(active, groups):
-            c = g.completions[0]
+        for i, e in enumerate(active):
+            c = sampled[i]
             ids, logprobs, finish = c.token_ids, c.logprobs, c.finish_reason
-            searching = not last and ids[0] == s
+            searching = not last and (i in forced or ids[0] == s)
             if searching:  # the query: its line, at most query_tokens after the opening word
-                end = next((i for i, t in enumerate(ids[1 : self.query_tokens + 1], 1) if t in stops),
-                           min(len(ids), self.query_tokens + 1) - 1)
+                q = 0 if i in forced else 1  # where the query begins in the sampled ids
+                end = next((j for j, t in enumerate(ids[q : q + self.query_tokens], q) if t in stops),
+                           min(len(ids), q + self.query_tokens) - 1)
                 ids, logprobs = ids[: end + 1], logprobs[: end + 1]
-            start = len(e.tokens) - (len(self.answer_ids) if last else 0)  # where the turn began: its opening word
             e.add(ids, logprobs)
-            text = tok.decode(e.tokens[start:], skip_special_tokens=True).strip()
+            text = tok.decode(e.tokens[starts[i]:], skip_special_tokens=True).strip()
             word = SEARCH if searching else ANSWER
             body = (text[len(word):] if text.startswith(word) else text).lstrip(" :").strip()
             e.turns.append({"role": "assistant", "content": text, "action": "search" if searching else "answer"})

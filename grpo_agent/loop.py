@@ -67,6 +67,9 @@ class SelfImprovementLoop:
             raise LoopError("training-free mode needs an agent with an ExperienceLibrary (with a model to learn lessons)")
         if agent.store is None or agent.scorer is None or agent.k < 2:
             raise LoopError("the loop needs an agent with a store, a scorer and k >= 2 (groups to learn from)")
+        if self.cfg.unit == "episode" and agent.episodes.explore >= agent.k:
+            raise LoopError(f"episodes.explore = {agent.episodes.explore} makes every episode of a group search first: "
+                            f"keep it below sampling.k = {agent.k}, so the others still choose")
         if not tasks:
             raise LoopError("no tasks to collect groups on: give a task file with at least one question")
         if not eval_tasks:
@@ -401,9 +404,8 @@ class SelfImprovementLoop:
                 self._log(chunk, entries, bar)
         else:
             agent = self.agent
-            answer = agent.episode_groups if self.cfg.unit == "episode" else agent.scored_groups
             for chunk in self._chunks(r):
-                answered = answer(chunk.questions, chunk.references, seed=chunk.seed)
+                answered = agent.answered(self.cfg.unit, chunk.questions, chunk.references, seed=chunk.seed)
                 learn = None
                 if self.mode == "training-free" and all(s is not None for s in answered.scored):
                     learn = lambda a=answered: agent.experience.learn(a.groups, a.contexts, a.scored)  # noqa: E731

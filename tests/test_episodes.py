@@ -10,6 +10,7 @@ from agent_fixtures import EVAL, FACTS, TASKS, make_agent
 from grpo_agent.config import EpisodeConfig, LoopConfig, UpdateConfig
 from grpo_agent.episodes import ANSWER, SEARCH, EpisodeRunner, SearchTool
 from grpo_agent.grpo import completion_logprobs
+from grpo_agent.errors import ConfigError, LoopError
 from grpo_agent.loop import SelfImprovementLoop
 from grpo_agent.records import Completion, Group
 from grpo_agent.report import write_report
@@ -66,6 +67,34 @@ def test_the_same_seed_gives_the_same_episodes(policy, index):
     other, _ = run(policy, index, seed=6)
     ids = lambda gs: [c.token_ids for g in gs for c in g.completions]  # noqa: E731
     assert ids(first) == ids(again) and ids(first) != ids(other)
+
+
+def test_exploring_episodes_search_first_with_the_opening_word_fed_and_the_query_sampled(policy, index):
+    runner = EpisodeRunner(policy, SearchTool(index, top_k=2), max_turns=3, max_new_tokens=8, query_tokens=6)
+    groups, retrieved = runner.run(QUESTIONS, k=4, seed=3, explore=2)
+    tok = policy.tokenizer
+    search_ids = tok.encode(SEARCH, add_special_tokens=False)
+    words = {tok.encode(w, add_special_tokens=False)[0] for w in (SEARCH, ANSWER)}
+    for g, facts in zip(groups, retrieved):
+        for i, (c, got) in enumerate(zip(g.completions, facts)):
+            if i < 2:  # the group's others choose, as without exploring
+                assert c.mask[0] == 1 and c.token_ids[0] in words
+                continue
+            n = len(search_ids)
+            assert c.token_ids[:n] == search_ids and c.mask[:n] == [0] * n  # fed: not trained on
+            assert c.turns[0]["action"] == "search" and c.turns[1]["role"] == "tool"
+            assert c.turns[1].get("error") or got  # it searched (or its query was empty: a tool error)
+            first = c.mask.index(0, n)  # the query sampled after the fed word, up to the result fed back
+            assert first > n and all(c.mask[n:first])
+            ids = torch.tensor([g.prompt_token_ids + c.token_ids])
+            logp, _ = completion_logprobs(policy.model, ids, torch.ones_like(ids), len(c.token_ids), 1.0)
+            sampled = torch.tensor(c.mask, dtype=torch.bool)
+            assert torch.allclose(logp[0][sampled], torch.tensor(c.logprobs)[sampled], atol=1e-4)
+    plain, _ = runner.run(QUESTIONS, k=4, seed=3)
+    again, _ = runner.run(QUESTIONS, k=4, seed=3, explore=0)
+    assert [c.token_ids for g in plain for c in g.completions] == [c.token_ids for g in again for c in g.completions]
+    with pytest.raises(ValueError, match="fewer than k"):
+        runner.run(QUESTIONS, k=2, explore=2)
 
 
 @pytest.mark.parametrize("share_prefix", [False, True])
@@ -131,7 +160,7 @@ def test_episodes_are_scored_with_the_facts_each_retrieved(embedder):
 
 def test_the_loop_trains_on_episode_groups_and_reports_their_tool_use(policy, embedder, tmp_path):
     agent = make_agent(policy, embedder, tmp_path / "run" / "store.sqlite", k=3, max_new_tokens=8)
-    agent.episodes = EpisodeConfig(max_turns=2, search_top_k=1, query_tokens=6)  # [episodes]; fits the 512 context
+    agent.episodes = EpisodeConfig(max_turns=2, search_top_k=1, query_tokens=6, explore=1)  # fits the 512 context
     loop = SelfImprovementLoop(agent, tmp_path / "run", TASKS, EVAL, UpdateConfig(learning_rate=5e-3, lora_r=4),
                                LoopConfig(tasks_per_round=4, eval_k=2, margin=1.0, unit="episode"), batch=2,
                                progress=False)
@@ -140,8 +169,14 @@ def test_the_loop_trains_on_episode_groups_and_reports_their_tool_use(policy, em
     assert 1.0 <= row["turns"] <= 2.0 and row["tool_calls"] == pytest.approx(row["turns"] - 1.0)
     groups = agent.store.groups(source="loop")
     assert all(c.mask is not None and c.turns for g in groups for c in g.completions)
+    assert all(g.completions[-1].turns[0]["action"] == "search" for g in groups)  # each group's exploring episode
     assert loop.state.eval_identity["unit"] == "episode"
     report = write_report(tmp_path / "run").read_text()
     assert "tool calls / episode" in report
     with pytest.raises(ValueError, match="loop.unit"):
         LoopConfig(unit="turn")
+    agent.episodes = EpisodeConfig(explore=3)
+    with pytest.raises(LoopError, match="episodes.explore"):
+        SelfImprovementLoop(agent, tmp_path / "run2", TASKS, EVAL, UpdateConfig(lora_r=4), LoopConfig(unit="episode"))
+    with pytest.raises(ConfigError, match="episodes.explore"):
+        EpisodeConfig(explore=-1)

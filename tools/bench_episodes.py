@@ -10,7 +10,9 @@ Systems:
   episodes-base   the base model in episodes (episodes.py): no facts in its prompt, the search tool, at most
                   --max-turns turns, the last one an answer;
   episodes-grpo   the same after label-free GRPO on --groups episode groups from the pool (K = --k episodes
-                  each, scored on their final answers with the facts each retrieved), one seed per run.
+                  each, scored on their final answers with the facts each retrieved), one seed per run;
+  episodes-explore  as episodes-grpo, with --explore episodes of each collected group made to search on their
+                  first turn ([episodes] explore); its held-out episodes choose freely, as every system's do.
 
 Measured on the held-out questions, --eval-k samples (answers or episodes) per question at the sampling
 temperature, fixed seeds:
@@ -22,7 +24,7 @@ temperature, fixed seeds:
 Targets (issue #22): after training, accuracy at least top3's, and useful_search up by at least 30 points.
 Resumable: a rerun with the same settings skips the (system, seed) units already written to --out.
 
-    .venv/bin/python tools/bench_episodes.py                        # top3, episodes-base, episodes-grpo x 3 seeds
+    .venv/bin/python tools/bench_episodes.py            # top3, episodes-base, episodes-grpo and -explore x 3 seeds
     .venv/bin/python tools/bench_episodes.py --seeds 0 --held-out 40
 """
 
@@ -45,7 +47,8 @@ from grpo_agent.retrieval import Embedder, FactIndex
 from grpo_agent.rollout.policy import load_policy
 from grpo_agent.updater import GRPOUpdater
 
-SYSTEMS = ("top3", "episodes-base", "episodes-grpo")
+SYSTEMS = ("top3", "episodes-base", "episodes-grpo", "episodes-explore")
+TRAINED = SYSTEMS[2:]
 
 
 def measure(agent: GRPOAgent, tasks: list[dict], episodes: bool, k: int, seed: int, batch: int) -> dict:
@@ -76,20 +79,21 @@ def measure(agent: GRPOAgent, tasks: list[dict], episodes: bool, k: int, seed: i
     return row
 
 
-def learn(agent: GRPOAgent, pool: list[dict], seed: int, args) -> dict:
+def learn(agent: GRPOAgent, pool: list[dict], seed: int, args, explore: int = 0) -> dict:
     """Label-free GRPO on --groups episode groups from the pool (on-policy: --sample-batch tasks sampled with the
-    current weights, then trained on)."""
+    current weights, then trained on), `explore` episodes of each made to search first."""
     tasks = task_order(pool, args.groups, seed)
     updater = GRPOUpdater(agent.policy, UpdateConfig(learning_rate=args.lr, groups_per_step=args.groups_per_step,
                                                      seed=seed))
     t0, history, zero, completions = time.perf_counter(), [], 0, []
     for i in range(0, len(tasks), args.sample_batch):
         chunk = tasks[i : i + args.sample_batch]
-        groups = agent.episode_groups([t["question"] for t in chunk], seed=seed * 1_000_003 + i).groups
+        groups = agent.episode_groups([t["question"] for t in chunk], seed=seed * 1_000_003 + i, explore=explore).groups
         zero += sum(g.zero_variance for g in groups)
         completions += [c for g in groups for c in g.completions]
         history += updater.train(groups)
-        print(f"  episodes-grpo seed {seed}: {i + len(chunk)}/{len(tasks)} groups, {time.perf_counter() - t0:.0f} s"
+        name = "episodes-explore" if explore else "episodes-grpo"
+        print(f"  {name} seed {seed}: {i + len(chunk)}/{len(tasks)} groups, {time.perf_counter() - t0:.0f} s"
               + (f", KL {history[-1]['kl']:.4f}" if history else "")
               + f", searched {episode_monitors(completions)['search_rate']:.2f}", flush=True)
     last = history[-4:]
@@ -109,11 +113,12 @@ def summarise(results: list[dict]) -> dict:
         out[system] = {"seeds": len(rows), **{k: statistics.mean(r["held_out"][k] for r in rows) for k in keys},
                        **{f"{k}_min": min(r["held_out"][k] for r in rows) for k in keys},
                        **{f"{k}_max": max(r["held_out"][k] for r in rows) for k in keys}}
-    if "top3" in out and "episodes-grpo" in out:
-        out["accuracy_minus_top3"] = out["episodes-grpo"]["accuracy"] - out["top3"]["accuracy"]
-    if "episodes-base" in out and "episodes-grpo" in out:
-        out["useful_search_gain_points"] = 100 * (out["episodes-grpo"]["useful_search"]
-                                                  - out["episodes-base"]["useful_search"])
+    for system, tag in (("episodes-grpo", ""), ("episodes-explore", "_explore")):
+        if "top3" in out and system in out:
+            out[f"accuracy_minus_top3{tag}"] = out[system]["accuracy"] - out["top3"]["accuracy"]
+        if "episodes-base" in out and system in out:
+            out[f"useful_search_gain_points{tag}"] = 100 * (out[system]["useful_search"]
+                                                            - out["episodes-base"]["useful_search"])
     if "top3" in out and "episodes-base" in out:
         out["episode_over_answer_seconds"] = out["episodes-base"]["seconds_per_group"] / out["top3"]["seconds_per_group"]
     return out
@@ -132,6 +137,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-turns", type=int, default=3)
     ap.add_argument("--search-top-k", type=int, default=3)
+    ap.add_argument("--explore", type=int, default=1, help="episodes-explore: episodes of a group made to search first")
     ap.add_argument("--eval-k", type=int, default=4)
     ap.add_argument("--held-out", type=int, default=0, help="held-out questions evaluated (0: all)")
     ap.add_argument("--batch", type=int, default=8, help="held-out tasks sampled together")
@@ -149,7 +155,7 @@ def main() -> None:
                  episodes=EpisodeConfig(max_turns=args.max_turns, search_top_k=args.search_top_k))
     print(f"pool {len(pool)} tasks, held-out {len(held_out)}", flush=True)
     plan = [(s, None) for s in ("top3", "episodes-base") if s in args.systems]
-    plan += [("episodes-grpo", seed) for seed in args.seeds if "episodes-grpo" in args.systems]
+    plan += [(s, seed) for s in TRAINED for seed in args.seeds if s in args.systems]
     for system, seed in plan:
         if (system, seed) in done:
             print(f"{system} seed {seed}: already in {out}, skipped", flush=True)
@@ -157,8 +163,8 @@ def main() -> None:
         agent = GRPOAgent.from_config(cfg, policy=load_policy("default"), index=index, embedder=embedder,
                                       store_path=Path(tempfile.mkdtemp(prefix="bench-episodes-")) / "store.sqlite")
         row = {"system": system, "seed": seed}
-        if system == "episodes-grpo":
-            row.update(learn(agent, pool, seed, args))
+        if system in TRAINED:
+            row.update(learn(agent, pool, seed, args, explore=args.explore if system == "episodes-explore" else 0))
         row["held_out"] = measure(agent, held_out, system != "top3", args.eval_k, seed=10_000, batch=args.batch)
         h = row["held_out"]
         print(f"{system} seed {seed}: accuracy {h['accuracy']:.3f}"

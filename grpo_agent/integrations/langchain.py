@@ -25,7 +25,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
-from ..episodes import fed_back, tokens_covering
+from ..episodes import Trace, fed_back, tokens_covering
 from ..records import Completion, Group, Passage
 from ..retrieval import FactIndex
 from ..toolcalls import as_shown, cut_at_stop, parse_tool_call, tool_calls_turn, tool_result_turn, tool_system_turn
@@ -108,9 +108,7 @@ class EpisodeChatModel(BaseChatModel):
     start: list = Field(default_factory=list)  # the first call's conversation: the task
     chat: list = Field(default_factory=list)  # the conversation as the policy saw it (for the template)
     prompt: list = Field(default_factory=list)  # the first call's prompt ids
-    tokens: list = Field(default_factory=list)
-    logprobs: list = Field(default_factory=list)
-    mask: list = Field(default_factory=list)
+    trace: Trace = Field(default_factory=Trace)  # every token id after the first prompt, sampled or fed back
     turns: list = Field(default_factory=list)
     passages: list = Field(default_factory=list)  # what the tools returned, as passages for the scorers
     answer: str = ""
@@ -138,9 +136,8 @@ class EpisodeChatModel(BaseChatModel):
                                  "conversation may only grow by the model's answer and the turns after it")
             new = chat[len(before):]
             with self.agent._lock:  # (the tokenizer too is used by one thread at a time)
-                ids = fed_back(policy.tokenizer, before[:-1], new, self.tokens[-1], policy.stop_token_ids)
-            self.tokens, self.logprobs, self.mask = self.tokens + ids, self.logprobs + [0.0] * len(ids), \
-                self.mask + [0] * len(ids)
+                ids = fed_back(policy.tokenizer, before[:-1], new, self.trace.tokens[-1], policy.stop_token_ids)
+            self.trace.add(ids, None)
             for m, turn in zip(messages[len(messages) - len(new):], new):
                 if isinstance(m, ToolMessage):
                     self.passages.append(Passage(f"{m.name}:{m.tool_call_id}", m.text, source=m.name or "tool"))
@@ -154,12 +151,11 @@ class EpisodeChatModel(BaseChatModel):
             if not calls:
                 self.agent._check_promoted()
             (group,) = policy.sample([chat], k=1, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                     top_p=s.top_p, seed=seed, prompt_ids=[self.prompt + self.tokens])
+                                     top_p=s.top_p, seed=seed, prompt_ids=[self.prompt + self.trace.tokens])
         c = group.completions[0]
         text, cut = cut_at_stop(c.text, stop or [])
         ids, logprobs = (tokens_covering(policy.tokenizer, c.token_ids, text), c.logprobs) if cut else (c.token_ids, c.logprobs)
-        self.tokens, self.logprobs, self.mask = self.tokens + ids, self.logprobs + logprobs[: len(ids)], \
-            self.mask + [1] * len(ids)  # (a turn cut at a stop sequence keeps only the tokens up to it)
+        self.trace.add(ids, logprobs[: len(ids)])  # (a turn cut at a stop sequence keeps only the tokens up to it)
         final = calls == self.max_turns - 1  # the last allowed call: its answer ends the run
         call = parse_tool_call(text, [t["function"]["name"] for t in tools]) if tools and not final else None
         self.turns.append({"role": "assistant", "content": text, "action": "tool_call" if call else "answer"})
@@ -183,8 +179,9 @@ class EpisodeChatModel(BaseChatModel):
         """The run so far: every token id after the first prompt, 1 in `mask` where the policy sampled it."""
         if not self.prompt:
             raise ValueError("the agent never called the model: nothing to make an episode of")
-        return Completion(text=self.answer, token_ids=list(self.tokens), logprobs=list(self.logprobs),
-                          finish_reason=self.finish_reason, mask=list(self.mask), turns=list(self.turns))
+        t = self.trace
+        return Completion(text=self.answer, token_ids=list(t.tokens), logprobs=list(t.logprobs),
+                          finish_reason=self.finish_reason, mask=list(t.mask), turns=list(self.turns))
 
 
 def collect_episodes(agent, question: str, run, k: int | None = None, seed: int | None = None,

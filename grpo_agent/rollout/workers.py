@@ -92,8 +92,7 @@ class _Worker:
         if self.run is not None and not self.following and self.run.is_run():  # from the loop's first save on
             self.agent.follow(self.run.path)
             self.following = True
-        answer = self.agent.episode_groups if chunk.unit == "episode" else self.agent.scored_groups
-        answered = answer(chunk.questions, chunk.references, seed=chunk.seed)
+        answered = self.agent.answered(chunk.unit, chunk.questions, chunk.references, seed=chunk.seed)
         return self.agent.group_logs(chunk.questions, answered, chunk.task_ids, chunk.references, chunk.meta)
 
 

@@ -22,7 +22,8 @@ temperature, fixed seeds:
   seconds_per_group  wall seconds to sample and score one group (an episode group, or a top3 answer group),
                   measured during the eval of the same run.
 Targets (issue #22): after training, accuracy at least top3's, and useful_search up by at least 30 points.
-Resumable: a rerun with the same settings skips the (system, seed) units already written to --out.
+Resumable: a rerun with the same settings skips the (system, seed) units already written to --out. Units can run
+as separate processes (each its own --out, OMP_NUM_THREADS=1), then --merge gathers their files into --out.
 
     .venv/bin/python tools/bench_episodes.py            # top3, episodes-base, episodes-grpo and -explore x 3 seeds
     .venv/bin/python tools/bench_episodes.py --seeds 0 --held-out 40
@@ -31,6 +32,7 @@ Resumable: a rerun with the same settings skips the (system, seed) units already
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -124,6 +126,26 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def merge(files: list[Path], out: Path, settings: dict, results: list[dict], done: set) -> None:
+    """Units measured by separate processes into one file: same settings (a file from before --explore existed
+    counts as its episodes-explore-free settings), each (system, seed) once."""
+    for f in files:
+        report = json.loads(f.read_text())
+        theirs = {**report["settings"], "explore": report["settings"].get("explore", settings["explore"])}
+        if theirs != settings:
+            raise SystemExit(f"{f} was measured with other settings ({report['settings']}); give the same flags")
+        for row in report["results"]:
+            if row["system"] == "episodes-explore" and "explore" not in report["settings"]:
+                raise SystemExit(f"{f}: an episodes-explore unit without its explore setting")
+            if (row["system"], row["seed"]) not in done:
+                results.append(row)
+                done.add((row["system"], row["seed"]))
+    results.sort(key=lambda r: (SYSTEMS.index(r["system"]), r["seed"] if r["seed"] is not None else -1))
+    write_report({"benchmark": "episodes", "settings": settings, "results": results,
+                  "summary": summarise(results)}, out)
+    print(summarise(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -142,10 +164,13 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=0, help="held-out questions evaluated (0: all)")
     ap.add_argument("--batch", type=int, default=8, help="held-out tasks sampled together")
     ap.add_argument("--out", default="tools/results/bench_episodes.json")
+    ap.add_argument("--merge", nargs="+", metavar="FILE", help="gather these result files into --out, run nothing")
     args = ap.parse_args()
-    settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "systems", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "systems", "out", "merge")}
     out = Path(args.out)
     results, done = resumable(out, settings)
+    if args.merge:
+        return merge([Path(f) for f in args.merge], out, settings, results, done)
 
     embedder = Embedder()
     rows = read_jsonl(DATA / "eval.jsonl")

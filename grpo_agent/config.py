@@ -293,6 +293,9 @@ class EpisodeConfig:
                 raise ConfigError(f"episodes.{key} = {value!r}: must be an integer >= 1")
         if not isinstance(self.explore, int) or self.explore < 0:
             raise ConfigError(f"episodes.explore = {self.explore!r}: an integer >= 0 (0: none made to search)")
+        if self.explore and self.max_turns < 2:
+            raise ConfigError(f"episodes.explore = {self.explore} needs a search turn before the answer: set "
+                              "episodes.max_turns >= 2 (or explore = 0)")
         if not isinstance(self.tool_error_penalty, (int, float)) or not 0 <= self.tool_error_penalty <= 1:
             raise ConfigError(f"episodes.tool_error_penalty = {self.tool_error_penalty!r}: a share in [0, 1]")
 

@@ -189,7 +189,7 @@ class EpisodeRunner:
             if rows:
                 groups = self.policy.sample([[{"role": "user", "content": ""}]] * len(rows), k=1,
                                             max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                            top_p=self.top_p, seed=seed,
+                                            top_p=self.top_p, seed=(seed + len(sampled)) % 2**31,  # (apart draws)
                                             prompt_ids=[active[i].prompt + active[i].tokens for i in rows],
                                             first_tokens=first)
                 sampled.update(zip(rows, (g.completions[0] for g in groups)))
@@ -209,6 +209,8 @@ class EpisodeRunner:
             word = SEARCH if searching else ANSWER
             body = (text[len(word):] if text.startswith(word) else text).lstrip(" :").strip()
             e.turns.append({"role": "assistant", "content": text, "action": "search" if searching else "answer"})
+            if i in forced and not last:
+                e.turns[-1]["forced"] = True  # an exploring episode's search: not its choice
             e.chat.append({"role": "assistant", "content": text})
             if searching:
                 e.turns[-1]["query"] = body

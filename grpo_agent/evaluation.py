@@ -146,13 +146,14 @@ def monitors(groups) -> dict:
 
 def episode_monitors(completions) -> dict:
     """Of multi-turn episodes (none: {}): the policy's turns, tool calls and tool errors per episode, and the
-    share of episodes that searched."""
+    share of episodes that searched by their own choice (an exploring episode's forced first search not counted)."""
     episodes = [c.turns for c in completions if c.turns is not None]
     if not episodes:
         return {}
     calls = [sum(t["role"] == "tool" for t in turns) for turns in episodes]
+    chosen = [c - sum(bool(t.get("forced")) for t in turns) for c, turns in zip(calls, episodes)]
     n = len(episodes)
     return {"episodes": n, "turns": sum(sum(t["role"] == "assistant" for t in e) for e in episodes) / n,
             "tool_calls": sum(calls) / n, "tool_errors": sum(sum(bool(t.get("error")) for t in e) for e in episodes) / n,
-            "search_rate": sum(c > 0 for c in calls) / n}
+            "search_rate": sum(c > 0 for c in chosen) / n}
 

@@ -11,6 +11,7 @@ from grpo_agent.config import EpisodeConfig, LoopConfig, UpdateConfig
 from grpo_agent.episodes import ANSWER, SEARCH, EpisodeRunner, SearchTool
 from grpo_agent.grpo import completion_logprobs
 from grpo_agent.errors import ConfigError, LoopError
+from grpo_agent.evaluation import episode_monitors
 from grpo_agent.loop import SelfImprovementLoop
 from grpo_agent.records import Completion, Group
 from grpo_agent.report import write_report
@@ -81,8 +82,10 @@ def test_exploring_episodes_search_first_with_the_opening_word_fed_and_the_query
                 assert c.mask[0] == 1 and c.token_ids[0] in words
                 continue
             n = len(search_ids)
+            if sum(t["role"] == "tool" for t in c.turns) == 1:  # the forced search is not counted as its choice
+                assert episode_monitors([c])["search_rate"] == 0.0 and episode_monitors([c])["tool_calls"] == 1.0
             assert c.token_ids[:n] == search_ids and c.mask[:n] == [0] * n  # fed: not trained on
-            assert c.turns[0]["action"] == "search" and c.turns[1]["role"] == "tool"
+            assert c.turns[0]["action"] == "search" and c.turns[0]["forced"] and c.turns[1]["role"] == "tool"
             assert c.turns[1].get("error") or got  # it searched (or its query was empty: a tool error)
             first = c.mask.index(0, n)  # the query sampled after the fed word, up to the result fed back
             assert first > n and all(c.mask[n:first])
@@ -180,3 +183,5 @@ def test_the_loop_trains_on_episode_groups_and_reports_their_tool_use(policy, em
         SelfImprovementLoop(agent, tmp_path / "run2", TASKS, EVAL, UpdateConfig(lora_r=4), LoopConfig(unit="episode"))
     with pytest.raises(ConfigError, match="episodes.explore"):
         EpisodeConfig(explore=-1)
+    with pytest.raises(ConfigError, match="max_turns >= 2"):
+        EpisodeConfig(explore=1, max_turns=1)

@@ -77,6 +77,12 @@ class Trace:
         self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
         self.mask += [1 if logprobs is not None else 0] * len(ids)
 
+    def completion(self, text: str, finish_reason: str, turns: list[dict]) -> Completion:
+        """The episode as the store and the updater take it: its final answer's text, every token id after the
+        first prompt with its log-prob and mask, and its turns."""
+        return Completion(text=text, token_ids=list(self.tokens), logprobs=list(self.logprobs),
+                          finish_reason=finish_reason, mask=list(self.mask), turns=list(turns))
+
 
 @dataclass(kw_only=True, eq=False)
 class _Episode(Trace):
@@ -91,9 +97,6 @@ class _Episode(Trace):
     finish_reason: str = "length"
     done: bool = False
 
-    def completion(self) -> Completion:
-        return Completion(text=self.answer, token_ids=self.tokens, logprobs=self.logprobs,
-                          finish_reason=self.finish_reason, mask=self.mask, turns=self.turns)
 
 
 class EpisodeRunner:
@@ -166,7 +169,7 @@ class EpisodeRunner:
         for b, q in enumerate(questions):
             mine = episodes[b * k:(b + 1) * k]
             groups.append(Group(messages=self.chat(q), prompt_token_ids=mine[0].prompt,
-                                completions=[e.completion() for e in mine], policy_version=self.policy.version,
+                                completions=[e.completion(e.answer, e.finish_reason, e.turns) for e in mine], policy_version=self.policy.version,
                                 temperature=self.temperature))
             retrieved.append([e.passages for e in mine])
         return groups, retrieved

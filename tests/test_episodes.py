@@ -9,9 +9,9 @@ from agent_fixtures import EVAL, FACTS, TASKS, make_agent
 
 from grpo_agent.config import EpisodeConfig, LoopConfig, UpdateConfig
 from grpo_agent.episodes import ANSWER, SEARCH, EpisodeRunner, SearchTool
-from grpo_agent.grpo import completion_logprobs
 from grpo_agent.errors import ConfigError, LoopError
 from grpo_agent.evaluation import episode_monitors
+from grpo_agent.grpo import completion_logprobs
 from grpo_agent.loop import SelfImprovementLoop
 from grpo_agent.records import Completion, Group
 from grpo_agent.report import write_report

@@ -126,6 +126,11 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def save(out: Path, settings: dict, results: list[dict]) -> None:
+    write_report({"benchmark": "episodes", "settings": settings, "results": results,
+                  "summary": summarise(results)}, out)
+
+
 def merge(files: list[Path], out: Path, settings: dict, results: list[dict], done: set) -> None:
     """Units measured by separate processes into one file: same settings (a file from before --explore existed
     counts as its episodes-explore-free settings), each (system, seed) once."""
@@ -141,8 +146,7 @@ def merge(files: list[Path], out: Path, settings: dict, results: list[dict], don
                 results.append(row)
                 done.add((row["system"], row["seed"]))
     results.sort(key=lambda r: (SYSTEMS.index(r["system"]), r["seed"] if r["seed"] is not None else -1))
-    write_report({"benchmark": "episodes", "settings": settings, "results": results,
-                  "summary": summarise(results)}, out)
+    save(out, settings, results)
     print(summarise(results))
 
 
@@ -196,8 +200,7 @@ def main() -> None:
               + (f", useful search {h['useful_search']:.3f}, searched {h['search_rate']:.3f}, turns {h['turns']:.2f}"
                  if "useful_search" in h else "") + f", {h['seconds_per_group']:.1f} s a group", flush=True)
         results.append(row)
-        write_report({"benchmark": "episodes", "settings": settings, "results": results,
-                      "summary": summarise(results)}, out)
+        save(out, settings, results)
     print(summarise(results))
 
 

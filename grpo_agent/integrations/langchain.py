@@ -179,9 +179,7 @@ class EpisodeChatModel(BaseChatModel):
         """The run so far: every token id after the first prompt, 1 in `mask` where the policy sampled it."""
         if not self.prompt:
             raise ValueError("the agent never called the model: nothing to make an episode of")
-        t = self.trace
-        return Completion(text=self.answer, token_ids=list(t.tokens), logprobs=list(t.logprobs),
-                          finish_reason=self.finish_reason, mask=list(t.mask), turns=list(self.turns))
+        return self.trace.completion(self.answer, self.finish_reason, self.turns)
 
 
 def collect_episodes(agent, question: str, run, k: int | None = None, seed: int | None = None,
